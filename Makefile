@@ -1,0 +1,43 @@
+# Quick start: `make demo` (a live multi-process demonstration) and `make test`.
+# Both create the virtual environment they need. PYTHON picks the interpreter;
+# VENV the environment (so 3.11 and 3.13 can live side by side).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest conformance bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m partydbm demo
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check partydbm tests conformance bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+conformance: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider conformance
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/bench.py --quick
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf .venv .venv313 *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,226 @@
+"""LevelDB storage through plyvel; the only plyvel importer.
+
+Key layout: user keys live under the prefix b"k" (so user key K is stored as b"k"+K),
+partydbm's own records under b"m". Users never see b"m" keys: every user-facing scan
+is bounded to [b"k", b"l").
+
+Records under b"m":
+  b"ma" + client_id -> msgpack [rid, unix_time, last_result]: the highest write rid of
+      that follower client the database has applied. Written in the same WriteBatch as
+      the write itself, so it survives a leader crash exactly when the write does.
+  b"ms"             -> scratch key written with sync=True by sync().
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import plyvel
+
+from ._errors import error
+from ._protocol import pack, unpack
+
+USER = b"k"
+USER_END = b"l"
+APPLIED = b"ma"
+SYNC_KEY = b"ms"
+APPLIED_TTL = 24 * 3600.0  # records older than this are pruned when a leader starts
+
+
+class LockHeld(Exception):
+    """Another process holds LevelDB's LOCK."""
+
+
+class LockTainted(Exception):
+    """This process inherited LevelDB's in-process lock table through fork (trap 2)."""
+
+
+Range = tuple[bytes | None, bool, bytes | None, bool]  # (lo, lo_incl, hi, hi_incl), user keys
+
+
+def open_db(path: str) -> Backend:
+    """Open the LevelDB at `path` (a directory that exists). Raises LockHeld/LockTainted."""
+    try:
+        db = plyvel.DB(path, create_if_missing=True)
+    except plyvel.IOError as exc:
+        msg = exc.args[0] if exc.args else b""
+        if isinstance(msg, bytes) and b"already held by process" in msg:
+            raise LockTainted(path) from exc
+        if isinstance(msg, bytes) and b"Resource temporarily unavailable" in msg:
+            raise LockHeld(path) from exc
+        raise error(f"cannot open LevelDB at {path!r}: {_text(exc)}") from exc
+    except plyvel.Error as exc:
+        raise error(f"cannot open LevelDB at {path!r}: {_text(exc)}") from exc
+    return Backend(db)
+
+
+def _text(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else ""
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+class Backend:
+    """One open LevelDB. Thread-safe as LevelDB is; close() only when no one uses it."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        # Bound methods looked up once: these are the leader's hot path.
+        self._get = db.get
+        self._put = db.put
+        self._delete = db.delete
+
+    # -- point operations (user keys, unprefixed) -------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        return self._get(USER + key)  # type: ignore[no-any-return]
+
+    def put(self, key: bytes, value: bytes, sync: bool = False) -> None:
+        self._put(USER + key, value, sync=sync)
+
+    def delete(self, key: bytes, sync: bool = False) -> bool:
+        k = USER + key
+        if self._get(k) is None:
+            return False
+        self._delete(k, sync=sync)
+        return True
+
+    def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
+        get = self._get
+        return [get(USER + k) for k in keys]
+
+    # -- writes from followers: applied atomically with their dedup record ------------
+    def applied(self, client: bytes) -> tuple[int, Any]:
+        raw = self._get(APPLIED + client)
+        if raw is None:
+            return 0, None
+        rid, _when, result = unpack(raw)
+        return int(rid), result
+
+    def write(
+        self,
+        ops: Iterable[tuple[bytes, bytes | None]],
+        sync: bool = False,
+        record: tuple[bytes, int, Any] | None = None,
+    ) -> None:
+        """Apply puts (value bytes) and deletes (value None) atomically, with `record`
+        (client, rid, result) marking them applied."""
+        with self._db.write_batch(transaction=True, sync=sync) as wb:
+            for key, value in ops:
+                if value is None:
+                    wb.delete(USER + key)
+                else:
+                    wb.put(USER + key, value)
+            if record is not None:
+                client, rid, result = record
+                wb.put(APPLIED + client, pack([rid, time.time(), result]))
+
+    def clear_ops(self) -> list[tuple[bytes, bytes | None]]:
+        """Deletes for every user key (one atomic batch: a replayed half-clear could
+        delete keys others wrote in between)."""
+        n = len(USER)
+        return [(k[n:], None) for k in self._db.iterator(start=USER, stop=USER_END,
+                                                         include_value=False)]
+
+    def prune_applied(self, now: float | None = None) -> int:
+        """Drop dedup records no retry can still need."""
+        cutoff = (time.time() if now is None else now) - APPLIED_TTL
+        stale = []
+        for key, raw in self._db.iterator(prefix=APPLIED):
+            if unpack(raw)[1] < cutoff:
+                stale.append(key)
+        if stale:
+            with self._db.write_batch() as wb:
+                for key in stale:
+                    wb.delete(key)
+        return len(stale)
+
+    # -- whole-database operations ----------------------------------------------------
+    def count(self) -> int:
+        n = 0
+        for _ in self._db.iterator(start=USER, stop=USER_END, include_value=False):
+            n += 1
+        return n
+
+    def sync(self) -> None:
+        self._put(SYNC_KEY, b"", sync=True)
+
+    def compact(self) -> None:
+        self._db.compact_range()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- range scans -------------------------------------------------------------------
+    def scan(
+        self, rng: Range, reverse: bool, keys_only: bool, limit: int, max_bytes: int
+    ) -> tuple[list[bytes], bool]:
+        """One page of a range scan: a flat list (keys, or key, value, key, value...)
+        and whether more may follow. Stops after `limit` items or `max_bytes` bytes."""
+        lo, lo_incl, hi, hi_incl = rng
+        slo = USER + lo if lo is not None else USER
+        shi = USER + hi if hi is not None else USER_END
+        if hi is None:
+            hi_incl = False
+        if lo is None:
+            lo_incl = True
+        if shi < slo or (shi == slo and not (lo_incl and hi_incl)):
+            return [], False
+        if reverse:
+            items = self._scan_reverse(slo, lo_incl, shi, hi_incl, keys_only)
+        else:
+            items = self._db.iterator(start=slo, stop=shi, include_start=lo_incl,
+                                      include_stop=hi_incl, include_value=not keys_only)
+        return _page(items, keys_only, limit, max_bytes)
+
+    def _scan_reverse(
+        self, lo: bytes, lo_incl: bool, hi: bytes, hi_incl: bool, keys_only: bool
+    ) -> Iterable[Any]:
+        # plyvel 1.5.1's reverse iterator() returns nothing for a one-key range (trap 3):
+        # walk a raw iterator backwards instead.
+        it = self._db.raw_iterator()
+        try:
+            it.seek(hi)
+            if not it.valid():
+                it.seek_to_last()
+            elif not (hi_incl and it.key() == hi):
+                it.prev()
+            while it.valid():
+                key = it.key()
+                if key < lo or (key == lo and not lo_incl):
+                    return
+                yield key if keys_only else (key, it.value())
+                it.prev()
+        finally:
+            it.close()
+
+
+def _page(items: Iterable[Any], keys_only: bool, limit: int, max_bytes: int
+          ) -> tuple[list[bytes], bool]:
+    out: list[bytes] = []
+    size = 0
+    n = 0
+    cut = len(USER)
+    try:
+        if keys_only:
+            for key in items:
+                k = key[cut:]
+                out.append(k)
+                n += 1
+                size += len(k) + 8
+                if n >= limit or size >= max_bytes:
+                    return out, True
+        else:
+            for key, value in items:
+                k = key[cut:]
+                out.append(k)
+                out.append(value)
+                n += 1
+                size += len(k) + len(value) + 16
+                if n >= limit or size >= max_bytes:
+                    return out, True
+        return out, False
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()

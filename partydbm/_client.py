@@ -1,0 +1,233 @@
+"""Follower side of one connection: request ids, pipelining, replies matched by id.
+
+Any number of threads may have requests in flight on one Connection. There is no
+reader thread: a waiting caller takes `recv_lock` and reads replies for everybody
+until its own arrives, then hands the role on (cheaper than a thread hop per reply).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from . import _protocol as P
+from . import _sockets
+from ._errors import LeaderLostError, ProtocolError, Timeout, from_wire
+
+RECV_SIZE = 256 * 1024
+
+
+class Slot:
+    """One request: what to resend after failover, and where its answer lands."""
+
+    __slots__ = ("args", "conn", "done", "event", "exc", "op", "retry", "rid", "value")
+
+    def __init__(self, op: int, args: tuple[Any, ...], retry: bool) -> None:
+        self.op = op
+        self.args = args
+        self.retry = retry
+        self.rid = 0
+        self.conn: Connection | None = None
+        self.done = False
+        self.value: Any = None
+        self.exc: BaseException | None = None
+        self.event = threading.Event()
+
+    def frame(self) -> bytes:
+        return P.pack([self.op, self.rid, *self.args])
+
+    def finish(self, value: Any = None, exc: BaseException | None = None) -> None:
+        self.value, self.exc, self.done = value, exc, True
+        self.event.set()
+
+    def result(self) -> Any:
+        if self.exc is not None:
+            raise self.exc
+        return self.value
+
+
+class Connection:
+    def __init__(self, sock: _sockets.Socket, rids: Iterator[int]) -> None:
+        self.sock = sock
+        self.rids = rids
+        self.send_lock = threading.Lock()
+        self.recv_lock = threading.Lock()
+        self.pending: dict[int, Slot] = {}
+        self.decoder = P.Decoder()
+        self.dead: BaseException | None = None
+        self.leader_pid = 0
+
+    @classmethod
+    def open(cls, address: str | bytes, client: bytes, rids: Iterator[int],
+             timeout: float | None) -> Connection:
+        """Connect and say hello. Raises OSError (no leader there) or error."""
+        sock = _sockets.connect(address, timeout)
+        conn = cls(sock, rids)
+        hello = Slot(P.HELLO, ({"v": P.VERSION, "client": client, "pid": os.getpid()},), True)
+        with conn.send_lock:
+            hello.rid = 0
+            hello.conn = conn
+            conn.pending[0] = hello
+            sock.sendall(hello.frame())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn.wait(hello, deadline)
+        if conn.dead is not None and not hello.done:
+            _sockets.hang_up(sock)
+            raise ConnectionResetError("the leader hung up during the hello")
+        info = hello.result()
+        conn.leader_pid = int(info.get("pid", 0)) if isinstance(info, dict) else 0
+        return conn
+
+    # -- sending -------------------------------------------------------------------------
+    def submit(self, slot: Slot) -> bool:
+        """Give `slot` an id and send it. False if this connection is already dead (the
+        slot was not taken). A send that fails kills the connection with the slot
+        pending, so failover resends it."""
+        with self.send_lock:
+            if self.dead is not None:
+                return False
+            slot.rid = next(self.rids)
+            slot.conn = self
+            self.pending[slot.rid] = slot
+            try:
+                self.sock.sendall(slot.frame())
+            except OSError as exc:
+                self._die(exc)
+        return True
+
+    def resend(self, slots: list[Slot]) -> None:
+        """Send requests carried over from a dead connection, in their original order
+        and with their original ids (so a leader can recognise writes it has applied)."""
+        if not slots:
+            return
+        with self.send_lock:
+            for slot in slots:
+                slot.conn = self
+                self.pending[slot.rid] = slot
+            try:
+                self.sock.sendall(b"".join(s.frame() for s in slots))
+            except OSError as exc:
+                self._die(exc)
+
+    # -- receiving -----------------------------------------------------------------------
+    def wait(self, slot: Slot, deadline: float | None) -> None:
+        """Return when `slot` is done or its connection is dead; raise Timeout at the
+        deadline (the request stays unanswered: a late reply is dropped)."""
+        while not slot.done:
+            conn = slot.conn
+            if conn is None or conn.dead is not None:
+                return
+            slot.event.clear()
+            if slot.done:
+                return
+            if conn.recv_lock.acquire(blocking=False):
+                try:
+                    conn._read_until(slot, deadline)
+                finally:
+                    conn.recv_lock.release()
+                    conn._wake_waiters()
+            else:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if (remaining is not None and remaining <= 0) or not slot.event.wait(remaining):
+                    if not slot.done:
+                        self._expire(conn, slot)
+
+    def _expire(self, conn: Connection, slot: Slot) -> None:
+        with conn.send_lock:
+            conn.pending.pop(slot.rid, None)
+        raise Timeout(f"no answer from the partydbm leader (pid {conn.leader_pid}) in time")
+
+    def _read_until(self, slot: Slot, deadline: float | None) -> None:
+        sock = self.sock
+        while not slot.done and self.dead is None:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._expire(self, slot)
+                sock.settimeout(remaining)
+            elif sock.gettimeout() is not None:
+                sock.settimeout(None)
+            try:
+                data = sock.recv(RECV_SIZE)
+            except _sockets.SocketTimeout:
+                self._expire(self, slot)
+            except OSError as exc:
+                self._die(exc)
+                return
+            if not data:
+                self._die(LeaderLostError("the partydbm leader closed the connection"))
+                return
+            try:
+                self.decoder.feed(data)
+                for msg in self.decoder:
+                    self._dispatch(msg)
+            except (P.DecodeError, ProtocolError) as exc:
+                self._die(ProtocolError(f"bad reply from the partydbm leader: {exc}"),
+                          fatal=True)
+                return
+
+    def _dispatch(self, msg: Any) -> None:
+        if not isinstance(msg, list) or len(msg) != 3:
+            raise ProtocolError(f"malformed reply {msg!r:.80}")
+        rid, ok, payload = msg
+        if rid is None:  # the leader could not parse what we sent
+            raise ProtocolError(str(from_wire(payload)))
+        with self.send_lock:
+            slot = self.pending.pop(rid, None)
+        if slot is None:
+            return  # the caller timed out and left
+        if ok:
+            slot.finish(payload)
+        else:
+            slot.finish(exc=from_wire(payload))
+
+    def _wake_waiters(self) -> None:
+        # Whoever waits next must take over reading.
+        with self.send_lock:
+            slots = list(self.pending.values())
+        for s in slots:
+            s.event.set()
+
+    def alive(self) -> bool:
+        """False once the leader's end is known to be closed (peeks, never consumes)."""
+        if self.dead is not None:
+            return False
+        return _sockets.peer_open(self.sock)
+
+    # -- death ---------------------------------------------------------------------------
+    def _die(self, exc: BaseException, fatal: bool = False) -> None:
+        """Mark the connection dead. Pending requests stay for failover to take over,
+        unless `fatal` (a protocol breach: retrying would only repeat it)."""
+        if self.dead is None:
+            self.dead = exc
+        _sockets.hang_up(self.sock)
+        if fatal:
+            for s in self.take_pending(wait=False):
+                s.finish(exc=exc)
+        self._wake_waiters()
+
+    def kill(self, exc: BaseException) -> None:
+        self._die(exc)
+
+    def take_pending(self, wait: bool = True) -> list[Slot]:
+        """Remove and return the unanswered requests, oldest first (after making sure no
+        reader is still dispatching replies)."""
+        got = self.recv_lock.acquire(timeout=5.0) if wait else False
+        try:
+            with self.send_lock:
+                if self.dead is None:
+                    self.dead = LeaderLostError("connection abandoned")
+                slots = sorted(self.pending.values(), key=lambda s: s.rid)
+                self.pending.clear()
+        finally:
+            if got:
+                self.recv_lock.release()
+        return slots
+
+    def forget_after_fork(self) -> None:
+        _sockets.drop(self.sock)
+        self.dead = LeaderLostError("connection inherited through fork")
+        self.pending.clear()

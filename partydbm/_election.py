@@ -1,0 +1,110 @@
+"""Who leads: LevelDB's LOCK file, the socket address, and stale socket removal.
+
+Invariants enforced here:
+- Only the process holding LevelDB's LOCK may unlink a socket file or bind the address.
+- One LockFile (one fd on LOCK) per database per process, never closed while the
+  process lives: closing *any* fd of LOCK drops the process's POSIX lock, LevelDB's
+  included (DESIGN.md trap 1).
+- Waiting for leadership blocks in fcntl on LOCK itself (no polling): the kernel wakes
+  exactly one waiter when the holder dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import struct
+import threading
+from collections.abc import Callable
+
+SOCKET_NAME = "partydbm.sock"
+MAX_UNIX_PATH = 107  # sun_path holds 108 bytes on Linux, one of them the NUL
+
+
+def lock_path(db_path: str) -> str:
+    return os.path.join(db_path, "LOCK")
+
+
+def socket_address(db_path: str) -> str | bytes:
+    """The leader's address: a file in the database directory, or, when that path is
+    too long for AF_UNIX, a Linux abstract-namespace name derived from the real path."""
+    path = os.path.join(db_path, SOCKET_NAME)
+    if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+        return path
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(db_path))).hexdigest()[:40]
+    return b"\0partydbm-" + digest.encode()
+
+
+def remove_stale_socket(address: str | bytes) -> None:
+    """Unlink a socket file left by a dead leader. Call only while holding the LOCK."""
+    if isinstance(address, str):
+        try:
+            os.unlink(address)
+        except FileNotFoundError:
+            pass
+
+
+class LockFile:
+    """The process's one fd on a database's LOCK file, and a waiter thread on it."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = lock_path(db_path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._waiter: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    def try_lock(self) -> bool:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def unlock(self) -> None:
+        """Release the process's lock. Only safe when LevelDB does not hold it here."""
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def holder_pid(self) -> int | None:
+        """The pid holding the lock, if another process does (best effort, Linux)."""
+        try:
+            req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            res = fcntl.fcntl(self.fd, fcntl.F_GETLK, req)
+            ltype, _whence, _start, _len, pid = struct.unpack("hhqqi4x", res)
+        except (OSError, struct.error):
+            return None
+        return pid if ltype != fcntl.F_UNLCK and pid > 0 else None
+
+    def wait_in_background(self, on_acquired: Callable[[], None]) -> None:
+        """Start (once) a daemon thread that blocks on the lock and calls `on_acquired`
+        when this process gets it. The thread cannot be cancelled; `on_acquired` decides
+        what the lock is for when it comes."""
+        with self._mutex:
+            if self._waiter is not None and self._waiter.is_alive():
+                return
+            self._waiter = threading.Thread(
+                target=self._wait, args=(on_acquired,), name="partydbm-lock-wait", daemon=True
+            )
+            self._waiter.start()
+
+    def _wait(self, on_acquired: Callable[[], None]) -> None:
+        while True:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            break
+        with self._mutex:
+            self._waiter = None
+        on_acquired()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the waiter thread is gone (threads do not survive fork) and
+        POSIX locks are not inherited; the fd is shared and stays usable."""
+        self._waiter = None
+        self._mutex = threading.Lock()

@@ -1,0 +1,250 @@
+"""PartyDBM: the dbm + MutableMapping facade. Flags, key coercion and closed checks
+live here; every operation goes to the process's engine for the database."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from typing import Any
+
+from . import _cursor
+from . import _engine as E
+from . import _protocol as P
+from ._errors import CLOSED_MESSAGE, READONLY_MESSAGE, ClosedError, ReadOnlyError
+
+Key = bytes | str | bytearray | memoryview
+
+UPDATE_CHUNK = 4096  # items per atomic batch in update()
+
+
+def to_bytes(obj: Any, what: str = "keys") -> bytes:
+    if type(obj) is bytes:
+        return obj
+    if isinstance(obj, str):
+        return obj.encode("utf-8")
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    raise TypeError(f"{what} must be bytes or str, not {type(obj).__name__}")
+
+
+class PartyDBM(MutableMapping[bytes, bytes]):
+    """A handle on a partydbm database (create with partydbm.open)."""
+
+    _engine: E.Engine | None
+
+    def __init__(self, engine: E.Engine, path: str, readonly: bool, sync: bool,
+                 retry: bool, timeout: float | None) -> None:
+        self._engine = engine
+        self.name = path
+        self._readonly = readonly
+        self._sync = sync
+        self._retry = retry
+        self._timeout = timeout
+
+    # -- the choke points ------------------------------------------------------------------
+    def _e(self) -> E.Engine:
+        engine = self._engine
+        if engine is None:
+            raise ClosedError(CLOSED_MESSAGE)
+        return engine
+
+    def _w(self) -> E.Engine:
+        engine = self._e()
+        if self._readonly:
+            raise ReadOnlyError(READONLY_MESSAGE)
+        return engine
+
+    # -- the mapping ---------------------------------------------------------------------
+    def __getitem__(self, key: Key) -> bytes:
+        value = self._e().get(to_bytes(key), self)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: Key, default: Any = None) -> Any:  # type: ignore[override]
+        value = self._e().get(to_bytes(key), self)
+        return default if value is None else value
+
+    def __setitem__(self, key: Key, value: Key) -> None:
+        self._w().put(to_bytes(key), to_bytes(value, "values"), self._sync, self)
+
+    def __delitem__(self, key: Key) -> None:
+        if not self._w().delete(to_bytes(key), self._sync, self):
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return self._e().has(to_bytes(key), self)
+
+    def __len__(self) -> int:
+        return int(self._e().simple(P.LEN, self))
+
+    def __bool__(self) -> bool:
+        return self.firstkey() is not None
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._e()
+        return _cursor.scan(self, (None, True, None, False), False, "keys")
+
+    def keys(self) -> list[bytes]:  # type: ignore[override]
+        """All keys, in key order, as a list (as every dbm module returns)."""
+        return list(self)
+
+    def items(self) -> _ItemsView:
+        return _ItemsView(self)
+
+    def values(self) -> _ValuesView:
+        return _ValuesView(self)
+
+    def update(self, other: Any = (), /, **kwds: Any) -> None:
+        """Store many pairs, in atomic chunks of UPDATE_CHUNK (one round trip each)."""
+        engine = self._w()
+        pairs: Iterable[Any]
+        if isinstance(other, Mapping):
+            pairs = ((k, other[k]) for k in other)
+        elif hasattr(other, "keys"):
+            pairs = ((k, other[k]) for k in other.keys())
+        else:
+            pairs = other
+        chunk: list[tuple[bytes, bytes | None]] = []
+        for key, value in itertools.chain(_pairs(pairs), kwds.items()):
+            chunk.append((to_bytes(key), to_bytes(value, "values")))
+            if len(chunk) >= UPDATE_CHUNK:
+                engine.batch(chunk, self._sync, self)
+                chunk = []
+        if chunk:
+            engine.batch(chunk, self._sync, self)
+
+    def clear(self) -> None:
+        """Delete every key, atomically."""
+        self._w().simple(P.CLEAR, self, self._sync)
+
+    # -- dbm extras ------------------------------------------------------------------------
+    def firstkey(self) -> bytes | None:
+        for key in self.iterator(include_value=False):
+            return key  # type: ignore[no-any-return]
+        return None
+
+    def nextkey(self, key: Key) -> bytes | None:
+        for k in self.iterator(start=to_bytes(key), include_start=False, include_value=False):
+            return k  # type: ignore[no-any-return]
+        return None
+
+    def sync(self) -> None:
+        self._e().simple(P.SYNC, self)
+
+    def reorganize(self) -> None:
+        self._w().simple(P.COMPACT, self)
+
+    def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            E.release(engine)
+
+    def __enter__(self) -> PartyDBM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._engine is None else (
+            "leader" if self._engine.backend is not None else "follower")
+        return f"<partydbm.PartyDBM {self.name!r} {state}>"
+
+    # -- beyond dbm (plyvel names) ---------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        return self._e().backend is not None
+
+    def iterator(self, *, start: Key | None = None, stop: Key | None = None,
+                 prefix: Key | None = None, reverse: bool = False,
+                 include_start: bool = True, include_stop: bool = False,
+                 include_key: bool = True, include_value: bool = True) -> Iterator[Any]:
+        """A range scan in key order: (key, value) pairs, or keys or values alone."""
+        self._e()
+        rng = _cursor.make_range(
+            None if start is None else to_bytes(start), None if stop is None else to_bytes(stop),
+            None if prefix is None else to_bytes(prefix), include_start, include_stop)
+        if include_key and include_value:
+            shape = "items"
+        elif include_key:
+            shape = "keys"
+        elif include_value:
+            shape = "values"
+        else:
+            raise ValueError("iterator() needs include_key or include_value")
+        return _cursor.scan(self, rng, reverse, shape)
+
+    def write_batch(self) -> WriteBatch:
+        self._w()
+        return WriteBatch(self)
+
+
+def _pairs(pairs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    for pair in pairs:
+        key, value = pair
+        yield key, value
+
+
+class WriteBatch:
+    """Collects puts and deletes; applies them atomically when the `with` block ends
+    without an exception (or on write())."""
+
+    def __init__(self, db: PartyDBM) -> None:
+        self._db = db
+        self._ops: list[tuple[bytes, bytes | None]] = []
+
+    def put(self, key: Key, value: Key) -> None:
+        self._ops.append((to_bytes(key), to_bytes(value, "values")))
+
+    def delete(self, key: Key) -> None:
+        self._ops.append((to_bytes(key), None))
+
+    def clear(self) -> None:
+        self._ops.clear()
+
+    def write(self) -> None:
+        ops, self._ops = self._ops, []
+        if ops:
+            self._db._w().batch(ops, self._db._sync, self._db)
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __enter__(self) -> WriteBatch:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.write()
+        else:
+            self._ops.clear()
+
+
+class _ItemsView(ItemsView[bytes, bytes]):
+    """items() that scans once instead of one lookup per key."""
+
+    _mapping: PartyDBM
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return self._mapping.iterator()
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False
+        key, value = item
+        got = self._mapping.get(key)
+        return got is not None and got == value
+
+
+class _ValuesView(ValuesView[bytes]):
+    _mapping: PartyDBM
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._mapping.iterator(include_key=False)

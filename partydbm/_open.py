@@ -1,0 +1,120 @@
+"""open(), whichdb() and install(): paths, flags, creation."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from . import _engine as E
+from ._errors import BadFlagError, error
+from ._mapping import PartyDBM
+
+MARKER = "PARTYDBM"  # the file that makes a directory a partydbm database
+MARKER_TEXT = b"partydbm database, format 1\n"
+open_flags = "rwcnfsu"
+
+
+def _parse_flag(flag: Any) -> tuple[str, bool]:
+    if (not isinstance(flag, str) or not flag or flag[0] not in "rwcn"
+            or any(c not in "fsu" for c in flag[1:])):
+        raise BadFlagError(f"Flag must be one of 'r', 'w', 'c', or 'n', not {flag!r}")
+    return flag[0], "s" in flag[1:]
+
+
+def _is_db(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def whichdb(file: Any) -> str | None:
+    """'partydbm' if `file` is a partydbm database, else None."""
+    try:
+        return "partydbm" if _is_db(os.fsdecode(os.fspath(file))) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _create(path: str, mode: int) -> None:
+    """Make `path` a partydbm database (several processes may race to do it)."""
+    if os.path.isdir(path) and not _is_db(path):
+        leftovers = set(os.listdir(path)) - {"LOCK", "LOG"}
+        if leftovers:
+            raise error(errno.EEXIST, "exists and is not a partydbm database", path)
+    # Directories need x wherever the mode grants r, or nobody could open the files.
+    os.makedirs(path, mode | ((mode & 0o444) >> 2), exist_ok=True)
+    try:
+        fd = os.open(os.path.join(path, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     mode & 0o666)
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, MARKER_TEXT)
+    finally:
+        os.close(fd)
+
+
+def open(file: Any, flag: str = "c", mode: int = 0o666, *, retry: bool = True,
+         timeout: float | None = 10.0) -> PartyDBM:
+    """Open (or create) the partydbm database at `file`; see CONTRACT.md."""
+    kind, sync = _parse_flag(flag)
+    shown = os.fspath(file)
+    path = os.path.realpath(os.fsdecode(shown))
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be None or >= 0")
+    if not _is_db(path):
+        if kind in "rw":
+            if os.path.exists(path):
+                raise error(errno.EINVAL, "Not a partydbm database", shown)
+            raise error(errno.ENOENT, "No such partydbm database", shown)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            if kind != "n":
+                raise error(errno.EEXIST, "exists and is not a partydbm database", shown)
+            os.unlink(path)  # 'n' replaces a plain file
+        _create(path, mode)
+    engine = E.acquire(path, timeout)
+    db = PartyDBM(engine, path, readonly=kind == "r", sync=sync, retry=retry,
+                  timeout=timeout)
+    if kind == "n":
+        try:
+            db.clear()
+        except BaseException:
+            db.close()
+            raise
+    return db
+
+
+_installed: dict[str, Any] = {}
+
+
+def install() -> None:
+    """Make dbm.open(), dbm.whichdb() and shelve.open() know partydbm databases, and
+    create new databases as partydbm. Opt-in and idempotent; uninstall() undoes it."""
+    import dbm
+    import sys
+
+    if _installed:
+        return
+    module = sys.modules[__package__ or "partydbm"]
+    original = dbm.whichdb
+
+    def patched_whichdb(filename: Any) -> str | None:
+        if whichdb(filename) == "partydbm":
+            return "partydbm"
+        return original(filename)
+
+    _installed.update(whichdb=original, defaultmod=dbm._defaultmod)  # type: ignore[attr-defined]
+    dbm.whichdb = patched_whichdb  # type: ignore[assignment]
+    dbm._modules["partydbm"] = module  # type: ignore[attr-defined]
+    dbm._defaultmod = module  # type: ignore[attr-defined]
+
+
+def uninstall() -> None:
+    """Undo install()."""
+    import dbm
+
+    if not _installed:
+        return
+    dbm.whichdb = _installed["whichdb"]
+    dbm._defaultmod = _installed["defaultmod"]  # type: ignore[attr-defined]
+    dbm._modules.pop("partydbm", None)  # type: ignore[attr-defined]
+    _installed.clear()
