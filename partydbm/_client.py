@@ -53,7 +53,7 @@ class Connection:
     def __init__(self, sock: _sockets.Socket, rids: Iterator[int]) -> None:
         self.sock = sock
         self.rids = rids
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.RLock()  # _die() may run while a sender holds it
         self.recv_lock = threading.Lock()
         self.pending: dict[int, Slot] = {}
         self.decoder = P.Decoder()
