@@ -39,6 +39,11 @@ _leftovers: list[Any] = []  # backends inherited through fork: never closed, nev
 _shutting_down = False
 
 MAX_BACKOFF = 0.005
+# Test seam: seconds to wait before resending carried-over requests to a new leader
+# (lets a test put another process's write in between, to prove dedup).
+_RESEND_DELAY = float(os.environ.get("PARTYDBM_RESEND_DELAY") or 0)
+# Test seam: this process never takes the LOCK (a pure follower).
+_NEVER_LEAD = bool(os.environ.get("PARTYDBM_NEVER_LEAD"))
 
 
 class Policy(Protocol):
@@ -137,7 +142,7 @@ class Engine:
                 if self.backend is None and self._conn is None:
                     self._recover(None, deadline)
                 return
-            if self.path not in _tainted and self._lockfile.try_lock():
+            if self.path not in _tainted and not _NEVER_LEAD and self._lockfile.try_lock():
                 try:
                     self._promote([])
                 except LockTainted:
@@ -245,13 +250,15 @@ class Engine:
                 return
             conn = self._try_connect(deadline)
             if conn is not None:
+                if _RESEND_DELAY and slots:
+                    time.sleep(_RESEND_DELAY)
                 conn.resend(slots)
                 self._conn = conn
                 self.generation += 1
                 return
             if self.path in _tainted:
                 self._ensure_helper()
-            else:
+            elif not _NEVER_LEAD:
                 self._lockfile.wait_in_background(lambda: _lock_acquired(self.path))
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:

@@ -61,11 +61,14 @@ def _command(dbs: dict[str, Any], words: list[str]) -> str:
 class Holder:
     """Drive a holder process. Every call has a deadline; close() reaps the process."""
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        """`env`: extra environment variables (e.g. the test seams PARTYDBM_CRASH_AT,
+        PARTYDBM_RESEND_DELAY)."""
         self.timeout = timeout
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "partydbm._holder"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1)
+            stdout=subprocess.PIPE, text=True, bufsize=1,
+            env=None if env is None else {**os.environ, **env})
         self.pid = self.proc.pid
 
     def _ask(self, line: str) -> str:
