@@ -1,0 +1,438 @@
+"""Benchmark worker: one process that opens one system and runs one task.
+
+Run by bench.py as `python worker.py '<task json>'`; prints its result as one JSON line.
+Top-level imports are standard library only, so the dbm.sqlite3 tasks can run under a
+bare Python 3.13. Tasks:
+
+    session   put, get, ordered iteration, per-op latency (one process)
+    bulk      load many keys (update()/write_batch where the system has one); peak RSS
+    iterbulk  iterate everything a bulk task loaded; peak memory before/after
+    mp        one of several processes: "ready", wait for "go", run a get/put mix for a
+              fixed time, print the counts, wait for stdin to close, close the store
+    sockserver  the bare msgpack-over-unix-socket server (a dict), for socket-rtt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+KEY = b"%016d"  # 16-byte keys
+VALUE_SIZE = 100
+CHUNK = 4096  # items per batch for systems that batch (partydbm's update() uses the same)
+STEP = 512  # ops between budget checks
+PERMUTE = 7919  # prime: i -> i * PERMUTE % n visits 0..n-1 once when n % 7919 != 0
+
+
+def mem(pid: int | str = "self") -> dict[str, float]:
+    """Peak (VmHWM) and current (VmRSS) resident memory of a process, in MB."""
+    out: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    out["hwm_mb" if line[2] == "H" else "rss_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        if pid == "self":
+            import resource
+
+            out["hwm_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# -- systems ----------------------------------------------------------------------------
+class Store:
+    """One system behind the same handful of calls. `get`/`put` are the system's own
+    callables (no wrapper), so the loops measure exactly what a user would call."""
+
+    ordered = True  # whether iteration is in key order
+    checkpoint: Callable[[], Any] | None = None  # wait for queued writes (sqlitedict)
+    note = ""
+
+    def __init__(self, get: Callable[..., Any], put: Callable[..., Any]) -> None:
+        self.get = get
+        self.put = put
+
+    def keys(self) -> Iterable[bytes]:
+        raise NotImplementedError
+
+    def bulk(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        put = self.put
+        for k, v in pairs:
+            put(k, v)
+
+    def flush(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint()
+
+    def close(self) -> None:
+        pass
+
+    role = ""
+
+
+def _chunks(pairs: Iterable[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
+    chunk: list[tuple[bytes, bytes]] = []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def open_store(system: str, path: str, task: dict[str, Any]) -> Store:
+    if system == "plyvel":
+        import plyvel
+
+        db = plyvel.DB(path, create_if_missing=True)
+        s = Store(db.get, db.put)
+        s.keys = lambda: db.iterator(include_value=False)  # type: ignore[method-assign]
+
+        def bulk(pairs: Iterable[tuple[bytes, bytes]]) -> None:
+            for chunk in _chunks(pairs):
+                with db.write_batch() as wb:
+                    for k, v in chunk:
+                        wb.put(k, v)
+        s.bulk = bulk  # type: ignore[method-assign]
+        s.close = db.close  # type: ignore[method-assign]
+        return s
+    if system.startswith("party"):
+        import partydbm
+
+        pdb = partydbm.open(path, "c")
+        s = Store(pdb.__getitem__, pdb.__setitem__)
+        s.role = "leader" if pdb.is_leader else "follower"
+        want = task.get("role")
+        if want and s.role != want:
+            pdb.close()
+            raise RuntimeError(f"expected to be the {want}, opened as the {s.role}")
+        s.keys = lambda: iter(pdb)  # type: ignore[method-assign]
+        s.bulk = pdb.update  # type: ignore[method-assign]
+        s.close = pdb.close  # type: ignore[method-assign]
+        return s
+    if system == "dbm.dumb":
+        import dbm.dumb
+
+        ddb = dbm.dumb.open(os.path.join(path, "db"), "c")
+        s = Store(ddb.__getitem__, ddb.__setitem__)
+        s.ordered = False
+        s.keys = lambda: iter(ddb)  # type: ignore[method-assign]
+        s.flush = ddb.sync  # type: ignore[method-assign]
+        s.close = ddb.close  # type: ignore[method-assign]
+        s.note = "no batch API: one put per key"
+        return s
+    if system == "dbm.sqlite3":
+        import dbm.sqlite3  # type: ignore[import-not-found,unused-ignore]
+
+        sdb = dbm.sqlite3.open(os.path.join(path, "db.sqlite3"), "c")
+        s = Store(sdb.__getitem__, sdb.__setitem__)
+        s.ordered = False  # SELECT key FROM Dict: no ORDER BY
+        s.keys = lambda: iter(sdb)  # type: ignore[method-assign]
+        s.close = sdb.close  # type: ignore[method-assign]
+        s.note = "no batch API: one autocommit per key"
+        return s
+    if system == "sqlitedict":
+        from sqlitedict import SqliteDict
+
+        def same(x: Any) -> Any:
+            return x
+
+        sd = SqliteDict(os.path.join(path, "db.sqlite"), autocommit=True, encode=same,
+                        decode=same)
+        s = Store(sd.__getitem__, sd.__setitem__)
+        s.ordered = False  # ORDER BY rowid: insertion order
+        s.checkpoint = sd.commit  # puts are queued to its thread: wait for them
+        s.keys = lambda: iter(sd)  # type: ignore[method-assign]
+
+        def sd_bulk(pairs: Iterable[tuple[bytes, bytes]]) -> None:
+            for chunk in _chunks(pairs):
+                sd.update(chunk)  # one executemany + commit per chunk
+        s.bulk = sd_bulk  # type: ignore[method-assign]
+        s.close = sd.close  # type: ignore[method-assign]
+        return s
+    if system == "diskcache":
+        import diskcache
+
+        cache = diskcache.Cache(os.path.join(path, "cache"))
+        s = Store(cache.get, cache.set)
+        s.keys = cache.iterkeys  # type: ignore[method-assign]
+
+        def dc_bulk(pairs: Iterable[tuple[bytes, bytes]]) -> None:
+            for chunk in _chunks(pairs):
+                with cache.transact():
+                    for k, v in chunk:
+                        cache.set(k, v)
+        s.bulk = dc_bulk  # type: ignore[method-assign]
+        s.close = cache.close  # type: ignore[method-assign]
+        return s
+    if system == "socket-rtt":
+        client = SockClient(task["address"])
+        s = Store(client.get, client.put)
+        s.close = client.close  # type: ignore[method-assign]
+        return s
+    raise ValueError(f"unknown system {system!r}")
+
+
+# -- the bare socket round trip ---------------------------------------------------------
+class SockClient:
+    """Blocking sendall/recv of [id, key] (get) or [id, key, value] (put)."""
+
+    def __init__(self, address: str) -> None:
+        import socket
+
+        import msgpack
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(address)
+        self.unpacker = msgpack.Unpacker(raw=False)
+        self.packb = msgpack.packb
+        self.rid = 0
+
+    def _call(self, msg: list[Any]) -> Any:
+        self.sock.sendall(self.packb(msg))
+        unpacker = self.unpacker
+        while True:
+            for reply in unpacker:
+                if reply[0] == msg[0]:
+                    return reply[1]
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("socket-rtt server hung up")
+            unpacker.feed(data)
+
+    def get(self, key: bytes) -> Any:
+        self.rid += 1
+        return self._call([self.rid, key])
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.rid += 1
+        self._call([self.rid, key, value])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def sockserver(task: dict[str, Any]) -> dict[str, Any]:
+    import socket
+
+    import msgpack
+
+    data: dict[bytes, bytes] = {}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(task["address"])
+    listener.listen(8)
+    print("ready", flush=True)
+    packb = msgpack.packb
+    while True:  # one client at a time; bench.py terminates us
+        conn, _ = listener.accept()
+        unpacker = msgpack.Unpacker(raw=False)
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            unpacker.feed(chunk)
+            out = []
+            for msg in unpacker:
+                if len(msg) == 3:
+                    data[msg[1]] = msg[2]
+                    out.append(packb([msg[0], None]))
+                else:
+                    out.append(packb([msg[0], data.get(msg[1])]))
+            conn.sendall(b"".join(out))
+        conn.close()
+
+
+# -- measuring --------------------------------------------------------------------------
+def _rate(ops: int, seconds: float, wanted: int, **extra: Any) -> dict[str, Any]:
+    out = {"ops": ops, "seconds": seconds, "us_per_op": seconds / ops * 1e6 if ops else None,
+           "ops_per_s": ops / seconds if seconds > 0 else None, **extra}
+    if ops < wanted:
+        out["partial"] = f"{ops} of {wanted} in the time budget"
+    return out
+
+
+def _loop(fn: Callable[..., Any], args: list[tuple[Any, ...]], budget: float,
+          checkpoint: Callable[[], Any] | None) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    end = t0 + budget
+    done = 0
+    while done < len(args):
+        for a in args[done:done + STEP]:
+            fn(*a)
+        done = min(done + STEP, len(args))
+        if checkpoint is not None:
+            checkpoint()
+        if time.perf_counter() > end:
+            break
+    return done, time.perf_counter() - t0
+
+
+def _latency(fn: Callable[..., Any], args: list[tuple[Any, ...]],
+             after: Callable[[], Any] | None) -> dict[str, Any]:
+    clock = time.perf_counter_ns
+    out = []
+    for a in args:
+        t = clock()
+        fn(*a)
+        if after is not None:
+            after()
+        out.append(clock() - t)
+    out.sort()
+    n = len(out)
+    return {"ops": n, "p50_us": out[n // 2] / 1e3, "p99_us": out[min(n - 1, n * 99 // 100)] / 1e3,
+            "max_us": out[-1] / 1e3, "us_per_op": sum(out) / n / 1e3}
+
+
+def session(s: Store, task: dict[str, Any]) -> dict[str, Any]:
+    n, budget = task["n"], task["budget"]
+    rnd = random.Random(1)
+    order = list(range(n))
+    rnd.shuffle(order)
+    keys = [KEY % i for i in order]
+    values = [rnd.randbytes(VALUE_SIZE) for _ in range(n)]
+    res: dict[str, Any] = {}
+    done, t = _loop(s.put, list(zip(keys, values)), budget, s.checkpoint)
+    s.flush()
+    t_flush = time.perf_counter()
+    res["put"] = _rate(done, t + 0.0, n)
+    if s.checkpoint is not None:
+        res["put"]["note"] = "queued to sqlitedict's thread; waited for every 512 puts"
+    res["put"]["seconds"] += time.perf_counter() - t_flush
+    stored = dict(zip(keys[:done], values[:done]))
+    gets = list(stored)
+    rnd.shuffle(gets)
+    got, t = _loop(s.get, [(k,) for k in gets], budget, None)
+    res["get"] = _rate(got, t, len(gets))
+    bad = [k for k in gets[:100] if s.get(k) != stored[k]]
+    if bad:
+        raise RuntimeError(f"get returned a wrong value for {bad[0]!r}")
+    if task["system"] != "socket-rtt":
+        t0 = time.perf_counter()
+        end, count = t0 + budget, 0
+        for _ in s.keys():
+            count += 1
+            if not count & 4095 and time.perf_counter() > end:
+                break
+        res["iter"] = _rate(count, time.perf_counter() - t0, len(stored))
+        listed = list(s.keys())
+        if sorted(listed) != sorted(stored):
+            raise RuntimeError(f"iteration gave {len(listed)} keys, {len(stored)} stored")
+        res["iter"]["ordered"] = listed == sorted(listed)
+    m = task["lat_n"]
+    res["lat_get"] = _latency(s.get, [(k,) for k in gets[:m]], None)
+    res["lat_put"] = _latency(s.put, list(zip(keys[:m], values[:m])), s.checkpoint)
+    return res
+
+
+def bulk_pairs(n: int, budget: float, state: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
+    """n keys in a scattered order, random values made on the fly (memory stays flat);
+    stops early when the budget runs out."""
+    randbytes = random.Random(2).randbytes
+    end = time.perf_counter() + budget
+    for i in range(n):
+        if not i & 4095 and i and time.perf_counter() > end:
+            return
+        state["n"] = i + 1
+        yield KEY % (i * PERMUTE % n), randbytes(VALUE_SIZE)
+
+
+def bulk(s: Store, task: dict[str, Any]) -> dict[str, Any]:
+    n = task["n"]
+    before = mem()
+    state = {"n": 0}
+    t0 = time.perf_counter()
+    s.bulk(bulk_pairs(n, task["budget"], state))
+    s.flush()
+    t = time.perf_counter() - t0
+    res = _rate(state["n"], t, n, note=s.note)
+    res["mem_before"], res["mem"] = before, mem()
+    return {"bulk": res}
+
+
+def iterbulk(s: Store, task: dict[str, Any]) -> dict[str, Any]:
+    before = mem()
+    peak_rss = before.get("rss_mb", 0.0)
+    t0 = time.perf_counter()
+    count = 0
+    for _ in s.keys():
+        count += 1
+        if not count & 16383:
+            peak_rss = max(peak_rss, mem().get("rss_mb", 0.0))
+    t = time.perf_counter() - t0
+    after = mem()
+    res = _rate(count, t, task["n"], mem_before=before, mem=after, peak_rss_mb=peak_rss)
+    res["hwm_growth_mb"] = after.get("hwm_mb", 0.0) - before.get("hwm_mb", 0.0)
+    return {"iter_bulk": res}
+
+
+def _stdin_line(timeout: float) -> str:
+    ready, _, _ = select.select([sys.stdin], [], [], timeout)
+    return sys.stdin.readline() if ready else ""
+
+
+def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
+    n, role, seed = task["n"], task["mp_role"], task["seed"]
+    rnd = random.Random(seed)
+    value = rnd.randbytes(VALUE_SIZE)
+    plan = [(KEY % rnd.randrange(n),
+             role == "reader" or (role == "mixed" and rnd.random() < 0.9)) for _ in range(8192)]
+    get, put, checkpoint = s.get, s.put, s.checkpoint
+    print("ready", flush=True)
+    if _stdin_line(120).strip() != "go":
+        raise RuntimeError("no 'go' from bench.py")
+    gets = puts = 0
+    errors: dict[str, int] = {}
+    t0 = time.perf_counter()
+    end = t0 + task["duration"]
+    while time.perf_counter() < end:
+        for k, is_get in plan[(gets + puts) % 8192:][:64]:
+            try:
+                if is_get:
+                    get(k)
+                    gets += 1
+                else:
+                    put(k, value)
+                    puts += 1
+            except Exception as exc:
+                name = type(exc).__name__
+                errors[name] = errors.get(name, 0) + 1
+                if sum(errors.values()) > 1000:
+                    raise
+        if checkpoint is not None and puts:
+            checkpoint()
+    t = time.perf_counter() - t0
+    return {"gets": gets, "puts": puts, "seconds": t, "ops_per_s": (gets + puts) / t,
+            "errors": errors, "role": role, "db_role": s.role}
+
+
+TASKS = {"session": session, "bulk": bulk, "iterbulk": iterbulk, "mp": mp}
+
+
+def main() -> int:
+    task = json.loads(sys.argv[1])
+    if task["task"] == "sockserver":
+        sockserver(task)
+        return 0
+    s = open_store(task["system"], task["path"], task)
+    try:
+        result = TASKS[task["task"]](s, task)
+        result["_role"] = s.role
+        result["_python"] = sys.version.split()[0]
+        print(json.dumps(result), flush=True)
+        if task["task"] == "mp":
+            _stdin_line(120)  # stay open (a leader keeps serving) until everyone is done
+    finally:
+        s.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
