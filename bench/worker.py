@@ -51,30 +51,28 @@ class Store:
     """One system behind the same handful of calls. `get`/`put` are the system's own
     callables (no wrapper), so the loops measure exactly what a user would call."""
 
-    ordered = True  # whether iteration is in key order
-    checkpoint: Callable[[], Any] | None = None  # wait for queued writes (sqlitedict)
-    note = ""
+    def __init__(self, get: Callable[..., Any], put: Callable[..., Any],
+                 keys: Callable[[], Iterable[bytes]] | None = None,
+                 bulk: Callable[[Iterable[tuple[bytes, bytes]]], Any] | None = None,
+                 close: Callable[[], Any] | None = None, flush: Callable[[], Any] | None = None,
+                 checkpoint: Callable[[], Any] | None = None, ordered: bool = True,
+                 role: str = "", note: str = "") -> None:
+        self.get, self.put = get, put
+        self.scan = keys or _no_keys
+        self.bulk = bulk or (lambda pairs: _put_each(put, pairs))
+        self.close = close or (lambda: None)
+        self.checkpoint = checkpoint  # wait for queued writes (sqlitedict's thread)
+        self.flush = flush or checkpoint or (lambda: None)
+        self.ordered, self.role, self.note = ordered, role, note
 
-    def __init__(self, get: Callable[..., Any], put: Callable[..., Any]) -> None:
-        self.get = get
-        self.put = put
 
-    def keys(self) -> Iterable[bytes]:
-        raise NotImplementedError
+def _no_keys() -> Iterable[bytes]:
+    raise NotImplementedError("this system cannot iterate")
 
-    def bulk(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
-        put = self.put
-        for k, v in pairs:
-            put(k, v)
 
-    def flush(self) -> None:
-        if self.checkpoint is not None:
-            self.checkpoint()
-
-    def close(self) -> None:
-        pass
-
-    role = ""
+def _put_each(put: Callable[..., Any], pairs: Iterable[tuple[bytes, bytes]]) -> None:
+    for k, v in pairs:
+        put(k, v)
 
 
 def _chunks(pairs: Iterable[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -93,52 +91,37 @@ def open_store(system: str, path: str, task: dict[str, Any]) -> Store:
         import plyvel
 
         db = plyvel.DB(path, create_if_missing=True)
-        s = Store(db.get, db.put)
-        s.keys = lambda: db.iterator(include_value=False)  # type: ignore[method-assign]
 
         def bulk(pairs: Iterable[tuple[bytes, bytes]]) -> None:
             for chunk in _chunks(pairs):
                 with db.write_batch() as wb:
                     for k, v in chunk:
                         wb.put(k, v)
-        s.bulk = bulk  # type: ignore[method-assign]
-        s.close = db.close  # type: ignore[method-assign]
-        return s
+        return Store(db.get, db.put, lambda: db.iterator(include_value=False), bulk,
+                     db.close)
     if system.startswith("party"):
         import partydbm
 
         pdb = partydbm.open(path, "c")
-        s = Store(pdb.__getitem__, pdb.__setitem__)
-        s.role = "leader" if pdb.is_leader else "follower"
-        want = task.get("role")
-        if want and s.role != want:
+        role = "leader" if pdb.is_leader else "follower"
+        if task.get("role") and role != task["role"]:
             pdb.close()
-            raise RuntimeError(f"expected to be the {want}, opened as the {s.role}")
-        s.keys = lambda: iter(pdb)  # type: ignore[method-assign]
-        s.bulk = pdb.update  # type: ignore[method-assign]
-        s.close = pdb.close  # type: ignore[method-assign]
-        return s
+            raise RuntimeError(f"expected to be the {task['role']}, opened as the {role}")
+        return Store(pdb.__getitem__, pdb.__setitem__, pdb.__iter__, pdb.update, pdb.close,
+                     role=role, note="update()")
     if system == "dbm.dumb":
         import dbm.dumb
 
-        ddb = dbm.dumb.open(os.path.join(path, "db"), "c")
-        s = Store(ddb.__getitem__, ddb.__setitem__)
-        s.ordered = False
-        s.keys = lambda: iter(ddb)  # type: ignore[method-assign]
-        s.flush = ddb.sync  # type: ignore[method-assign]
-        s.close = ddb.close  # type: ignore[method-assign]
-        s.note = "no batch API: one put per key"
-        return s
+        ddb = dbm.dumb.open(os.path.join(path, "db"), "c")  # noqa: SIM115
+        return Store(ddb.__getitem__, ddb.__setitem__, ddb.__iter__, None, ddb.close,
+                     flush=ddb.sync, ordered=False, note="no batch API: one put per key")
     if system == "dbm.sqlite3":
-        import dbm.sqlite3  # type: ignore[import-not-found,unused-ignore]
+        import dbm.sqlite3
 
-        sdb = dbm.sqlite3.open(os.path.join(path, "db.sqlite3"), "c")
-        s = Store(sdb.__getitem__, sdb.__setitem__)
-        s.ordered = False  # SELECT key FROM Dict: no ORDER BY
-        s.keys = lambda: iter(sdb)  # type: ignore[method-assign]
-        s.close = sdb.close  # type: ignore[method-assign]
-        s.note = "no batch API: one autocommit per key"
-        return s
+        sdb = dbm.sqlite3.open(os.path.join(path, "db.sqlite3"), "c")  # noqa: SIM115
+        # SELECT key FROM Dict has no ORDER BY: not ordered
+        return Store(sdb.__getitem__, sdb.__setitem__, sdb.__iter__, None, sdb.close,
+                     ordered=False, note="no batch API: one autocommit per key")
     if system == "sqlitedict":
         from sqlitedict import SqliteDict
 
@@ -147,37 +130,28 @@ def open_store(system: str, path: str, task: dict[str, Any]) -> Store:
 
         sd = SqliteDict(os.path.join(path, "db.sqlite"), autocommit=True, encode=same,
                         decode=same)
-        s = Store(sd.__getitem__, sd.__setitem__)
-        s.ordered = False  # ORDER BY rowid: insertion order
-        s.checkpoint = sd.commit  # puts are queued to its thread: wait for them
-        s.keys = lambda: iter(sd)  # type: ignore[method-assign]
 
         def sd_bulk(pairs: Iterable[tuple[bytes, bytes]]) -> None:
             for chunk in _chunks(pairs):
                 sd.update(chunk)  # one executemany + commit per chunk
-        s.bulk = sd_bulk  # type: ignore[method-assign]
-        s.close = sd.close  # type: ignore[method-assign]
-        return s
+        # iteration is ORDER BY rowid (insertion order)
+        return Store(sd.__getitem__, sd.__setitem__, sd.__iter__, sd_bulk, sd.close,
+                     checkpoint=sd.commit, ordered=False, note="update() per 4096")
     if system == "diskcache":
         import diskcache
 
         cache = diskcache.Cache(os.path.join(path, "cache"))
-        s = Store(cache.get, cache.set)
-        s.keys = cache.iterkeys  # type: ignore[method-assign]
 
         def dc_bulk(pairs: Iterable[tuple[bytes, bytes]]) -> None:
             for chunk in _chunks(pairs):
                 with cache.transact():
                     for k, v in chunk:
                         cache.set(k, v)
-        s.bulk = dc_bulk  # type: ignore[method-assign]
-        s.close = cache.close  # type: ignore[method-assign]
-        return s
+        return Store(cache.get, cache.set, cache.iterkeys, dc_bulk, cache.close,
+                     note="set() in transact() per 4096")
     if system == "socket-rtt":
         client = SockClient(task["address"])
-        s = Store(client.get, client.put)
-        s.close = client.close  # type: ignore[method-assign]
-        return s
+        return Store(client.get, client.put, close=client.close)
     raise ValueError(f"unknown system {system!r}")
 
 
@@ -299,14 +273,13 @@ def session(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     keys = [KEY % i for i in order]
     values = [rnd.randbytes(VALUE_SIZE) for _ in range(n)]
     res: dict[str, Any] = {}
-    done, t = _loop(s.put, list(zip(keys, values)), budget, s.checkpoint)
+    t0 = time.perf_counter()
+    done, _ = _loop(s.put, list(zip(keys, values, strict=True)), budget, s.checkpoint)
     s.flush()
-    t_flush = time.perf_counter()
-    res["put"] = _rate(done, t + 0.0, n)
+    res["put"] = _rate(done, time.perf_counter() - t0, n)
     if s.checkpoint is not None:
         res["put"]["note"] = "queued to sqlitedict's thread; waited for every 512 puts"
-    res["put"]["seconds"] += time.perf_counter() - t_flush
-    stored = dict(zip(keys[:done], values[:done]))
+    stored = dict(zip(keys[:done], values[:done], strict=True))
     gets = list(stored)
     rnd.shuffle(gets)
     got, t = _loop(s.get, [(k,) for k in gets], budget, None)
@@ -317,18 +290,18 @@ def session(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     if task["system"] != "socket-rtt":
         t0 = time.perf_counter()
         end, count = t0 + budget, 0
-        for _ in s.keys():
+        for _ in s.scan():
             count += 1
             if not count & 4095 and time.perf_counter() > end:
                 break
         res["iter"] = _rate(count, time.perf_counter() - t0, len(stored))
-        listed = list(s.keys())
+        listed = list(s.scan())
         if sorted(listed) != sorted(stored):
             raise RuntimeError(f"iteration gave {len(listed)} keys, {len(stored)} stored")
         res["iter"]["ordered"] = listed == sorted(listed)
     m = task["lat_n"]
     res["lat_get"] = _latency(s.get, [(k,) for k in gets[:m]], None)
-    res["lat_put"] = _latency(s.put, list(zip(keys[:m], values[:m])), s.checkpoint)
+    res["lat_put"] = _latency(s.put, list(zip(keys[:m], values[:m], strict=True)), s.checkpoint)
     return res
 
 
@@ -362,7 +335,7 @@ def iterbulk(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     peak_rss = before.get("rss_mb", 0.0)
     t0 = time.perf_counter()
     count = 0
-    for _ in s.keys():
+    for _ in s.scan():
         count += 1
         if not count & 16383:
             peak_rss = max(peak_rss, mem().get("rss_mb", 0.0))
@@ -388,12 +361,12 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     print("ready", flush=True)
     if _stdin_line(120).strip() != "go":
         raise RuntimeError("no 'go' from bench.py")
-    gets = puts = 0
+    gets = puts = pos = 0
     errors: dict[str, int] = {}
     t0 = time.perf_counter()
     end = t0 + task["duration"]
     while time.perf_counter() < end:
-        for k, is_get in plan[(gets + puts) % 8192:][:64]:
+        for k, is_get in plan[pos:pos + 64]:
             try:
                 if is_get:
                     get(k)
@@ -406,6 +379,7 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
                 errors[name] = errors.get(name, 0) + 1
                 if sum(errors.values()) > 1000:
                     raise
+        pos = (pos + 64) % len(plan)
         if checkpoint is not None and puts:
             checkpoint()
     t = time.perf_counter() - t0

@@ -420,7 +420,12 @@ _LOCAL = {
     P.COMPACT: Backend.compact,
     P.SYNC: Backend.sync,
     P.CLEAR: lambda b, sync: b.write(b.clear_ops(), sync),
+    P.PUT: Backend.put,
+    P.DELETE: Backend.delete,
+    P.BATCH: lambda b, flat, sync: b.write(list(zip(flat[::2], flat[1::2])), sync),
+    P.SCAN: lambda b, lo, lo_incl, hi, hi_incl, *rest: b.scan((lo, lo_incl, hi, hi_incl), *rest),
 }
+assert set(_LOCAL) == set(P.OP_NAMES) - {P.HELLO}, "every operation needs a local form"
 
 
 def _remaining(deadline: float | None) -> float | None:

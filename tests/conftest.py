@@ -1,0 +1,110 @@
+"""Shared fixtures: every single-handle test runs in both roles.
+
+`role` is "leader" (the handle under test is the process's own LevelDB user) or
+"follower" (a Holder subprocess opened the path first and leads; the handle under test
+talks to it over the socket). `open_db(flag="c", **kw)` opens the test's one fresh
+path in that role, checks the role really is the one asked for, and closes whatever it
+opened at teardown, before the Holder lets go of the path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import partydbm
+from partydbm._holder import Holder
+
+ROLES = ("leader", "follower")
+
+
+@pytest.fixture(scope="module")
+def holder() -> Iterator[Holder]:
+    """One holder process per test module (cheap); always reaped."""
+    h = Holder(timeout=30.0)
+    try:
+        yield h
+    finally:
+        h.close()
+        assert h.proc.poll() is not None, "holder process left behind"
+
+
+@pytest.fixture(params=ROLES)
+def role(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Opener:
+    """Opens the test's database path in the test's role; remembers what it opened."""
+
+    def __init__(self, path: Path, role: str, holder: Holder | None) -> None:
+        self.path = path
+        self.role = role
+        self.holder = holder
+        self.handles: list[partydbm.PartyDBM] = []
+
+    def __call__(self, flag: str = "c", **kw: Any) -> partydbm.PartyDBM:
+        db = partydbm.open(self.path, flag, **kw)
+        self.handles.append(db)
+        assert db.is_leader is (self.role == "leader"), (
+            f"asked for a {self.role} handle, got is_leader={db.is_leader}")
+        return db
+
+    def close_all(self) -> None:
+        for db in self.handles:
+            db.close()
+
+
+@pytest.fixture
+def open_db(role: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Opener]:
+    """An opener for a fresh path (tmp_path/"db"). In the follower role the module's
+    Holder has opened (and so created) the path first and leads it."""
+    path = tmp_path / "db"
+    h: Holder | None = None
+    if role == "follower":
+        h = request.getfixturevalue("holder")
+        assert h.open(path, "c") == "leader"
+    opener = Opener(path, role, h)
+    try:
+        yield opener
+    finally:
+        # Our handles first: were the holder to let go while we still had the path
+        # open, this process would take over and a later test would see a wrong role.
+        opener.close_all()
+        if h is not None:
+            h.close_db(path)
+
+
+PLYVEL_PROBE = """
+import sys, plyvel
+try:
+    plyvel.DB(sys.argv[1]).close()
+except plyvel.IOError as exc:
+    print("LOCKED", exc)
+    sys.exit(3)
+print("OPENED")
+"""
+
+
+def _plyvel_can_open(path: str | os.PathLike[str]) -> bool:
+    """Whether a plain LevelDB user in a fresh process can open `path` right now (it
+    cannot while any process holds LevelDB's LOCK on it)."""
+    proc = subprocess.run([sys.executable, "-c", PLYVEL_PROBE, os.fspath(path)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode == 3:
+        assert "Resource temporarily unavailable" in proc.stdout, proc.stdout
+        return False
+    assert proc.returncode == 0 and "OPENED" in proc.stdout, (proc.stdout, proc.stderr)
+    return True
+
+
+@pytest.fixture
+def plyvel_can_open() -> Any:
+    """The probe above, as a fixture (test modules do not import conftest)."""
+    return _plyvel_can_open

@@ -1,0 +1,304 @@
+"""Worker processes for the multi-process tests.
+
+Every worker runs `python tests/workers.py NAME ARGS...` (or `python -c CODE`) in a
+session of its own, so that it and everything it starts (forked children, partydbm's
+helper leaders) form one process group. Every wait on a worker has a deadline; `Party`
+SIGKILLs each group and reaps its worker in a `finally`, whatever the test did.
+
+The `repl` worker runs Python sent to it line by line (JSON, with bytes kept as bytes)
+and answers one line each, so a test can drive several processes step by step:
+
+    with Party() as party:
+        a, b = party.repl(), party.repl()
+        assert a.open(path) == "leader"
+        b.open(path)
+        a.exec("db['k'] = 'v'")
+        assert b.eval("db['k']") == b"v"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+WORKERS = HERE / "workers.py"
+DEADLINE = 30.0  # seconds, for any single wait on a worker
+
+
+class WorkerError(AssertionError):
+    """A worker died, missed its deadline or said something unexpected."""
+
+
+class RemoteError(Exception):
+    """An exception raised by code a worker ran for the test."""
+
+    def __init__(self, type_name: str, mro: list[str], message: str, tb: str) -> None:
+        super().__init__(f"{type_name}: {message}\n--- in the worker ---\n{tb}")
+        self.type_name = type_name
+        self.mro = mro
+        self.message = message
+
+    def isa(self, *names: str) -> bool:
+        """Whether the remote exception was an instance of every class named."""
+        return all(name in self.mro for name in names)
+
+
+# -- JSON that keeps bytes and bytes-keyed dicts ----------------------------------------------
+def _to_json(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"$b": bytes(obj).hex()}
+    if isinstance(obj, dict):
+        return {"$d": [[_to_json(k), _to_json(v)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_to_json(x) for x in obj]
+    return obj
+
+
+def _from_json(obj: dict[str, Any]) -> Any:
+    if "$b" in obj:
+        return bytes.fromhex(obj["$b"])
+    if "$d" in obj:
+        return {_hashable(k): v for k, v in obj["$d"]}
+    return obj
+
+
+def _hashable(obj: Any) -> Any:
+    return tuple(_hashable(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def encode(obj: Any) -> str:
+    return json.dumps(_to_json(obj))
+
+
+def decode(text: str) -> Any:
+    return json.loads(text, object_hook=_from_json)
+
+
+# -- one worker --------------------------------------------------------------------------------
+class Worker:
+    """One spawned process with line-based stdin/stdout. Use through `Party`."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, start_new_session=True, cwd=HERE,
+            env=None if env is None else {**os.environ, **env})
+        self.pid = self.proc.pid
+        self.argv = argv
+        self._buf = b""
+        self._reaped_group = False
+
+    def __repr__(self) -> str:
+        return f"<Worker pid={self.pid} {' '.join(self.argv)[:60]!r}>"
+
+    # -- lines ---------------------------------------------------------------------------
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError as exc:
+            raise WorkerError(f"{self} is gone: {self.stderr()}") from exc
+
+    def readline(self, timeout: float = DEADLINE) -> str | None:
+        """The next line from the worker's stdout, None at EOF; WorkerError at the
+        deadline."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerError(f"{self}: no line within {timeout}s; stderr:\n{self.stderr()}")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                if self._buf:
+                    line, self._buf = self._buf, b""
+                    return line.decode()
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
+
+    def expect(self, prefix: str, timeout: float = DEADLINE) -> str:
+        """Read the next line, which must start with `prefix`; return the rest."""
+        line = self.readline(timeout)
+        if line is None or not line.startswith(prefix):
+            raise WorkerError(f"{self}: expected {prefix!r}, got {line!r}; "
+                              f"stderr:\n{self.stderr()}")
+        return line[len(prefix):].strip()
+
+    # -- the repl worker -------------------------------------------------------------------
+    def submit(self, op: str, code: str) -> None:
+        """Send a request without waiting for its answer (see `reply`)."""
+        self.send(encode({"op": op, "code": code}))
+
+    def reply(self, timeout: float = DEADLINE) -> Any:
+        line = self.readline(timeout)
+        if line is None:
+            raise WorkerError(f"{self} exited (rc={self.proc.poll()}) without answering; "
+                              f"stderr:\n{self.stderr()}")
+        msg = decode(line)
+        if "exc" in msg:
+            raise RemoteError(*msg["exc"])
+        return msg["ok"]
+
+    def exec(self, code: str, timeout: float = DEADLINE) -> Any:
+        """Run statements in the worker; returns what they assigned to `result`."""
+        self.submit("exec", code)
+        return self.reply(timeout)
+
+    def eval(self, expr: str, timeout: float = DEADLINE) -> Any:
+        self.submit("eval", expr)
+        return self.reply(timeout)
+
+    def open(self, path: str | os.PathLike[str], flag: str = "c", name: str = "db",
+             timeout: float = DEADLINE, **kwargs: Any) -> str:
+        """Open `path` in the worker as variable `name`; 'leader' or 'follower'."""
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        return self.exec(  # type: ignore[no-any-return]
+            f"{name} = partydbm.open({os.fspath(path)!r}, {flag!r}{args})\n"
+            f"result = 'leader' if {name}.is_leader else 'follower'", timeout)
+
+    # -- ending ------------------------------------------------------------------------------
+    def wait(self, timeout: float = DEADLINE) -> int:
+        """The exit code; WorkerError (after SIGKILL) if it does not exit in time."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise WorkerError(f"{self} did not exit within {timeout}s; "
+                              f"stderr:\n{self.stderr()}") from None
+
+    def finish(self, timeout: float = DEADLINE) -> int:
+        """Close its stdin (a repl falls off the end of its script) and wait."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (a crash) and reap the worker."""
+        if not self._reaped_group:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            self.proc.wait(DEADLINE)
+        # Once the worker is reaped its pid (the group id) may be reused: never signal
+        # the group again.
+        self._reaped_group = True
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def cleanup(self) -> None:
+        self.kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self._stderr.close()
+
+
+class Party:
+    """The workers of one test: spawned here, all SIGKILLed and reaped on exit."""
+
+    def __init__(self) -> None:
+        self.workers: list[Worker] = []
+
+    def spawn(self, name: str, *args: Any, env: dict[str, str] | None = None) -> Worker:
+        """`python tests/workers.py NAME ARGS...`."""
+        return self._add(Worker([str(WORKERS), name, *map(str, args)], env))
+
+    def python(self, code: str, *args: Any, env: dict[str, str] | None = None) -> Worker:
+        """`python -c CODE ARGS...` (a user's script, nothing of the tests imported)."""
+        return self._add(Worker(["-c", code, *map(str, args)], env))
+
+    def repl(self, env: dict[str, str] | None = None) -> Worker:
+        return self.spawn("repl", env=env)
+
+    def repls(self, n: int) -> list[Worker]:
+        return [self.repl() for _ in range(n)]
+
+    def _add(self, worker: Worker) -> Worker:
+        self.workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.cleanup()
+
+    def __enter__(self) -> Party:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def all_replies(workers: Iterable[Worker], timeout: float = DEADLINE) -> list[Any]:
+    """The answers to requests submitted to several workers, in order; one deadline."""
+    deadline = time.monotonic() + timeout
+    return [w.reply(max(deadline - time.monotonic(), 0.001)) for w in workers]
+
+
+def dump(party: Party, path: str | os.PathLike[str]) -> dict[bytes, bytes]:
+    """Everything in the database, read by a fresh process (which then exits)."""
+    reader = party.repl()
+    reader.open(path, "r")
+    items: dict[bytes, bytes] = reader.eval("dict(db.items())")
+    assert reader.exec("db.close()") is None
+    assert reader.finish() == 0, reader.stderr()
+    return items
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE,
+             what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something true; AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout}s")
+        time.sleep(0.01)
+
+
+def inode(path: str | os.PathLike[str]) -> int | None:
+    """The inode at `path`, None if nothing is there."""
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def clean_exit_stderr(text: str) -> list[str]:
+    """The lines of a worker's stderr that show something went wrong at exit."""
+    bad = ("Traceback", "Exception ignored", "Error", "Fatal Python error")
+    return [line for line in text.splitlines() if any(b in line for b in bad)]
