@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import partydbm  # noqa: E402
-from partydbm._holder import Holder  # noqa: E402
+import partydbm
+from partydbm._holder import Holder
 
 
 def one_round(root: Path, i: int) -> tuple[float, bool]:

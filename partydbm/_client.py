@@ -49,6 +49,10 @@ class Slot:
         return self.value
 
 
+def _done(slot: Slot) -> bool:
+    return slot.done
+
+
 class Connection:
     def __init__(self, sock: _sockets.Socket, rids: Iterator[int]) -> None:
         self.sock = sock
@@ -121,7 +125,7 @@ class Connection:
             if conn is None or conn.dead is not None:
                 return
             slot.event.clear()
-            if slot.done:
+            if _done(slot):  # answered between the loop test and clear()
                 return
             if conn.recv_lock.acquire(blocking=False):
                 try:
@@ -131,9 +135,9 @@ class Connection:
                     conn._wake_waiters()
             else:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if (remaining is not None and remaining <= 0) or not slot.event.wait(remaining):
-                    if not slot.done:
-                        self._expire(conn, slot)
+                expired = remaining is not None and remaining <= 0
+                if (expired or not slot.event.wait(remaining)) and not slot.done:
+                    self._expire(conn, slot)
 
     def _expire(self, conn: Connection, slot: Slot) -> None:
         with conn.send_lock:

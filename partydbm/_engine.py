@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _protocol as P
@@ -412,7 +413,7 @@ class Engine:
         self._new_identity()
 
 
-_LOCAL = {
+_LOCAL: dict[int, Callable[..., Any]] = {
     P.GET: Backend.get,
     P.HAS: lambda b, key: b.get(key) is not None,
     P.GETMANY: Backend.get_many,
@@ -422,7 +423,7 @@ _LOCAL = {
     P.CLEAR: lambda b, sync: b.write(b.clear_ops(), sync),
     P.PUT: Backend.put,
     P.DELETE: Backend.delete,
-    P.BATCH: lambda b, flat, sync: b.write(list(zip(flat[::2], flat[1::2])), sync),
+    P.BATCH: lambda b, flat, sync: b.write(list(zip(flat[::2], flat[1::2], strict=True)), sync),
     P.SCAN: lambda b, lo, lo_incl, hi, hi_incl, *rest: b.scan((lo, lo_incl, hi, hi_incl), *rest),
 }
 assert set(_LOCAL) == set(P.OP_NAMES) - {P.HELLO}, "every operation needs a local form"

@@ -11,7 +11,7 @@ CLOSED_MESSAGE = "DBM object has already been closed"
 READONLY_MESSAGE = "The database is opened for reading only"
 
 
-class error(OSError):  # noqa: N801 - the dbm modules' name for it
+class error(OSError):  # the dbm modules' name for it
     """Base of every partydbm error."""
 
 
@@ -31,7 +31,7 @@ class ProtocolError(error):
     """A peer sent something partydbm cannot understand."""
 
 
-class Timeout(error, TimeoutError):  # noqa: N818 - the name CONTRACT.md promises
+class Timeout(error, TimeoutError):  # the name CONTRACT.md promises
     """No leader answered within the handle's timeout."""
 
 

@@ -61,7 +61,7 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             raise KeyError(key)
         return value
 
-    def get(self, key: Key, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: Key, default: Any = None) -> Any:
         value = self._e().get(to_bytes(key), self)
         return default if value is None else value
 
@@ -102,7 +102,7 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         if isinstance(other, Mapping):
             pairs = ((k, other[k]) for k in other)
         elif hasattr(other, "keys"):
-            pairs = ((k, other[k]) for k in other.keys())
+            pairs = ((k, other[k]) for k in other.keys())  # noqa: SIM118 - dict protocol
         else:
             pairs = other
         chunk: list[tuple[bytes, bytes | None]] = []

@@ -103,7 +103,7 @@ def install() -> None:
         return original(filename)
 
     _installed.update(whichdb=original, defaultmod=dbm._defaultmod)  # type: ignore[attr-defined]
-    dbm.whichdb = patched_whichdb  # type: ignore[assignment]
+    dbm.whichdb = patched_whichdb
     dbm._modules["partydbm"] = module  # type: ignore[attr-defined]
     dbm._defaultmod = module  # type: ignore[attr-defined]
 

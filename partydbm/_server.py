@@ -270,7 +270,7 @@ class Dispatcher:
             return
         if not isinstance(flat, list) or len(flat) % 2:
             raise ProtocolError("batch wants a flat list of key, value pairs")
-        ops = list(zip(flat[::2], flat[1::2]))
+        ops = list(zip(flat[::2], flat[1::2], strict=True))
         for key, value in ops:
             _check_bytes(key) if value is None else _check_bytes(key, value)
         self._apply(peer, rid, ops, sync, None)

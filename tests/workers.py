@@ -1,0 +1,414 @@
+"""Worker scripts for the multi-process tests: `python tests/workers.py NAME ARGS...`.
+
+Started through `mp_util.Party`, which gives each one a deadline and SIGKILLs it (and
+whatever it started) at the end of the test. Results go to stdout, one JSON line
+(`mp_util.encode`) at a time; stderr is kept for the test's failure message.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import partydbm
+from mp_util import decode, encode
+
+DEADLINE = 30.0
+
+# Module globals, not locals: a handle a worker leaves open must stay open until the
+# interpreter exits (a local would be closed by its __del__ when the function returns).
+NS: dict[str, Any] = {}
+db: Any = None
+
+
+def report(obj: Any) -> None:
+    print(encode(obj), flush=True)
+
+
+# -- repl: run the test's Python, one JSON line per request ------------------------------------
+def repl() -> None:
+    """Requests {"op": "exec"|"eval", "code": ...}; answers {"ok": value} or {"exc": [type,
+    mro, message, traceback]}. Falls off the end when stdin closes, leaving any handle
+    the test opened (in NS) open: interpreter exit, no explicit close."""
+    NS.update(partydbm=partydbm, os=os, sys=sys, time=time, threading=threading,
+              random=random, wait_file=wait_file, thread_workload=thread_workload,
+              write_range=write_range)
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return
+        req = decode(line)
+        try:
+            if req["op"] == "exec":
+                NS.pop("result", None)
+                exec(req["code"], NS)
+                reply = {"ok": NS.pop("result", None)}
+            else:
+                reply = {"ok": eval(req["code"], NS)}
+        except BaseException as exc:
+            reply = {"exc": [type(exc).__name__, [c.__name__ for c in type(exc).__mro__],
+                             str(exc), traceback.format_exc()]}
+        report(reply)
+
+
+def wait_file(path: str, timeout: float = DEADLINE) -> None:
+    """A barrier across processes: return once `path` exists."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.001)
+
+
+def write_range(handle: Any, fmt: str, n: int, value_fmt: str) -> dict[bytes, bytes]:
+    """Write keys fmt % j -> value_fmt % j for j < n; return what was written."""
+    written = {}
+    for j in range(n):
+        key, value = (fmt % j).encode(), (value_fmt % j).encode()
+        handle[key] = value
+        written[key] = value
+    return written
+
+
+def thread_workload(handle: Any, seed: int, nthreads: int = 4, nops: int = 300,
+                    nkeys: int = 20) -> dict[str, Any]:
+    """`nthreads` threads share one handle; each owns the keys under its prefix and
+    checks every read against its own model. Returns the errors and the merged model."""
+    errors: list[str] = []
+    models: list[dict[bytes, bytes]] = [{} for _ in range(nthreads)]
+    barrier = threading.Barrier(nthreads, timeout=DEADLINE)
+
+    def run(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        model = models[i]
+        prefix = b"t%d-" % i
+        n = -1
+        try:
+            barrier.wait()
+            for n in range(nops):
+                _thread_step(handle, rng, model, prefix, i, n, nkeys)
+        except BaseException:
+            errors.append(f"thread {i} op {n} (seed {seed}):\n{traceback.format_exc()}")
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(nthreads)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + DEADLINE
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0.001))
+    errors += [f"{t.name} still running at the deadline" for t in threads if t.is_alive()]
+    merged: dict[bytes, bytes] = {}
+    for model in models:
+        merged.update(model)
+    return {"errors": errors, "model": merged}
+
+
+def _thread_step(h: Any, rng: random.Random, model: dict[bytes, bytes], prefix: bytes,
+                 i: int, n: int, nkeys: int) -> None:
+    key = prefix + b"%02d" % rng.randrange(nkeys)
+    roll = rng.random()
+    if roll < 0.35:
+        value = b"%d-%d" % (i, n)
+        h[key] = value
+        model[key] = value
+    elif roll < 0.5:
+        try:
+            del h[key]
+            existed = True
+        except KeyError:
+            existed = False
+        assert existed == (key in model), (key, existed)
+        model.pop(key, None)
+    elif roll < 0.7:
+        assert h.get(key) == model.get(key), key
+    elif roll < 0.78:
+        assert (key in h) == (key in model), key
+    elif roll < 0.86:
+        other = prefix + b"%02d" % rng.randrange(nkeys)
+        value = b"b%d-%d" % (i, n)
+        with h.write_batch() as wb:
+            wb.put(key, value)
+            wb.delete(other)
+        model[key] = value
+        if other != key:
+            model.pop(other, None)
+        else:
+            model.pop(key)
+    elif roll < 0.93:
+        got = list(h.iterator(prefix=prefix))
+        assert got == sorted(model.items()), (got, sorted(model.items()))
+    else:
+        assert h.pop(key, None) == model.pop(key, None), key
+
+
+# -- one-shot workers ---------------------------------------------------------------------------
+def turnover(path: str, key: str, value: str, how: str) -> None:
+    """Open, write one key, read it back, and close (how == "close") or just exit."""
+    global db
+    db = partydbm.open(path, timeout=DEADLINE)
+    db[key] = value
+    assert db[key] == value.encode()
+    if how == "close":
+        db.close()
+
+
+def plain_leveldb(path: str) -> None:
+    """A plain LevelDB user: holds the LOCK and never serves the socket."""
+    import plyvel
+
+    handle = plyvel.DB(path)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes stdin (or kills us)
+    handle.close()
+
+
+def uid_probe(uid: str, path: str, address_hex: str) -> None:
+    """Drop to `uid` and try the database through the API and through the raw socket."""
+    from partydbm import _protocol as P
+
+    address: str | bytes = bytes.fromhex(address_hex)
+    if not address.startswith(b"\0"):
+        address = os.fsdecode(address)
+    os.setgroups([])
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    out: dict[str, Any] = {"uid": os.getuid()}
+    try:
+        handle = partydbm.open(path, "w", timeout=2)
+    except BaseException as exc:
+        out["api"] = f"{type(exc).__name__}: {exc}"
+    else:
+        out["api"] = "opened"
+        for name, fn in (("api_put", lambda: handle.__setitem__("secret", "pwned")),
+                         ("api_get", lambda: handle.get("secret"))):
+            try:
+                out[name] = fn()
+            except BaseException as exc:
+                out[name] = f"{type(exc).__name__}: {exc}"
+    replies: list[Any] = []
+    out["raw"] = replies
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(3)
+        sock.connect(address)
+        hello = {"v": P.VERSION, "client": os.urandom(16), "pid": os.getpid()}
+        sock.sendall(P.pack([P.HELLO, 0, hello]))
+        sock.sendall(P.pack([P.PUT, 1, b"secret", b"pwned", False])
+                     + P.pack([P.GET, 2, b"secret"]))
+        decoder = P.Decoder()
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            decoder.feed(data)
+            replies.extend(decoder)
+    except BaseException as exc:
+        replies.append(f"{type(exc).__name__}: {exc}")
+    report(out)
+
+
+# -- fork (multiprocessing's fork start method, and os.fork) -------------------------------------
+def _recv(conn: Any, timeout: float = DEADLINE) -> Any:
+    try:
+        if not conn.poll(timeout):
+            return {"error": f"no message within {timeout}s"}
+        return decode(conn.recv())
+    except EOFError:
+        return {"error": "the child went away without a message"}
+
+
+def _join(procs: list[Any], timeout: float = DEADLINE) -> list[int | None]:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.001))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    return [p.exitcode for p in procs]
+
+
+def _guarded(conn: Any, fn: Any, *args: Any) -> None:
+    """Run a child's body; whatever happens, the parent gets one message."""
+    try:
+        conn.send(encode(fn(*args)))
+    except BaseException:
+        conn.send(encode({"error": traceback.format_exc()}))
+
+
+def _inherited_use(handle: Any, i: int, n: int) -> dict[str, Any]:
+    res: dict[str, Any] = {"is_leader": handle.is_leader, "parent": handle.get("parent")}
+    write_range(handle, f"c{i}-%03d", n, f"v{i}-%d")
+    res["own"] = dict(handle.iterator(prefix=f"c{i}-"))
+    res["is_leader_after"] = handle.is_leader
+    return res
+
+
+def fork_from_leader(path: str) -> None:
+    """The parent leads; two forked children use the inherited handle."""
+    ctx = multiprocessing.get_context("fork")
+    handle = partydbm.open(path)
+    out: dict[str, Any] = {"parent_leader": handle.is_leader}
+    handle["parent"] = "p"
+    conns, procs = [], []
+    for i in range(2):
+        mine, theirs = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_guarded, args=(theirs, _inherited_use, handle, i, 50))
+        p.start()
+        theirs.close()
+        conns.append(mine)
+        procs.append(p)
+    out["children"] = [_recv(c) for c in conns]
+    out["exitcodes"] = _join(procs)
+    out["parent_leader_after"] = handle.is_leader
+    out["items"] = dict(handle.items())
+    handle.close()
+    report(out)
+
+
+def _write_through_close(handle: Any, i: int, conn: Any) -> dict[str, Any]:
+    """Keep writing; once told the parent closed, write 100 more."""
+    j, closed_at = 0, None
+    deadline = time.monotonic() + DEADLINE
+    while closed_at is None or j < closed_at + 100:
+        handle[b"c%d-%04d" % (i, j)] = b"v%d" % j
+        j += 1
+        if j == 20:
+            conn.send("started")
+        if closed_at is None and conn.poll():
+            conn.recv()
+            closed_at = j
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"child {i}: {j} writes, parent closed at {closed_at}")
+        time.sleep(0.001)
+    own = dict(handle.iterator(prefix=b"c%d-" % i))
+    return {"n": j, "closed_at": closed_at, "own_ok": own == {
+        b"c%d-%04d" % (i, k): b"v%d" % k for k in range(j)}}
+
+
+def fork_outlive_close(path: str) -> None:
+    """The parent leads, forks two writers, and closes its handle while they write."""
+    ctx = multiprocessing.get_context("fork")
+    handle = partydbm.open(path)
+    out: dict[str, Any] = {"parent_leader": handle.is_leader}
+    handle["parent"] = "p"
+    conns, procs = [], []
+    for i in range(2):
+        mine, theirs = ctx.Pipe()
+        p = ctx.Process(target=_guarded_duplex, args=(theirs, i, handle))
+        p.start()
+        conns.append(mine)
+        procs.append(p)
+    out["started"] = [_recv_raw(c) for c in conns]
+    handle.close()
+    for c in conns:
+        c.send("closed")
+    out["children"] = [_recv(c) for c in conns]
+    out["exitcodes"] = _join(procs)
+    report(out)
+
+
+def _guarded_duplex(conn: Any, i: int, handle: Any) -> None:
+    try:
+        conn.send(encode(_write_through_close(handle, i, conn)))
+    except BaseException:
+        conn.send(encode({"error": traceback.format_exc()}))
+
+
+def _recv_raw(conn: Any, timeout: float = DEADLINE) -> Any:
+    if not conn.poll(timeout):
+        return f"nothing within {timeout}s"
+    return conn.recv()
+
+
+def fork_outlive_exit(path: str) -> None:
+    """The parent leads, forks two children (os.fork) and exits without closing; the
+    children wait for the parent to be gone (EOF on a pipe only it holds), then write."""
+    global db
+    db = partydbm.open(path)
+    db["parent"] = "p"
+    sys.stdout.flush()
+    r, w = os.pipe()
+    pids = []
+    for i in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            _exit_child(db, i, r)
+        pids.append(pid)
+    os.close(r)
+    db["parent-last"] = "x"
+    report({"parent": os.getpid(), "leader": db.is_leader, "children": pids})
+    # Falls off the end with the handle open: interpreter exit hands over.
+
+
+def _exit_child(handle: Any, i: int, r: int) -> None:
+    code = 1
+    try:
+        handle[f"c{i}-early"] = "e"
+        ready, _, _ = select.select([r], [], [], DEADLINE)
+        if not ready or os.read(r, 1) != b"":
+            raise TimeoutError("the parent did not exit")
+        written = write_range(handle, f"c{i}-%03d", 50, f"v{i}-%d")
+        own = dict(handle.iterator(prefix=f"c{i}-"))
+        report({"child": i, "ok": own == {**written, f"c{i}-early".encode(): b"e"},
+                "parent": handle.get("parent"), "parent_last": handle.get("parent-last")})
+        code = 0
+    except BaseException:
+        report({"child": i, "error": traceback.format_exc()})
+    finally:
+        os._exit(code)
+
+
+def fork_from_follower(path: str) -> None:
+    """The parent follows (the test's leader L leads); its forked child uses the inherited
+    handle, the parent closes, the test kills L, and the child must become the leader
+    itself."""
+    ctx = multiprocessing.get_context("fork")
+    handle = partydbm.open(path)
+    out: dict[str, Any] = {"parent_leader": handle.is_leader}
+    handle["parent-before"] = "b"
+    mine, theirs = ctx.Pipe()
+    p = ctx.Process(target=_follower_child, args=(handle, theirs))
+    p.start()
+    out["child_first"] = _recv(mine)
+    handle["parent-after-fork"] = "a"
+    out["parent_sees_child"] = handle.get("child-1")
+    handle.close()
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("expected go")
+    mine.send("go")
+    out["child_second"] = _recv(mine)
+    out["exitcodes"] = _join([p])
+    report(out)
+
+
+def _follower_child(handle: Any, conn: Any) -> None:
+    try:
+        first = {"is_leader": handle.is_leader, "parent": handle.get("parent-before")}
+        handle["child-1"] = "1"
+        conn.send(encode(first))
+        if not conn.poll(DEADLINE):
+            raise TimeoutError("no go")
+        conn.recv()
+        written = write_range(handle, "child-2-%02d", 20, "%d")
+        conn.send(encode({"is_leader": handle.is_leader, "written_ok": all(
+            handle[k] == v for k, v in written.items()), "items": dict(handle.items())}))
+    except BaseException:
+        conn.send(encode({"error": traceback.format_exc()}))
+
+
+WORKERS = {f.__name__: f for f in (repl, turnover, plain_leveldb, uid_probe, fork_from_leader,
+                                     fork_outlive_close, fork_outlive_exit, fork_from_follower)}
+
+if __name__ == "__main__":
+    WORKERS[sys.argv[1]](*sys.argv[2:])
