@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _protocol as P
@@ -34,14 +34,25 @@ class Slot:
         self.done = False
         self.value: Any = None
         self.exc: BaseException | None = None
-        self.event = threading.Event()
+        # Made only when a second thread must wait for this answer (most requests are
+        # read back by their own thread, and an Event costs as much as a syscall).
+        self.event: threading.Event | None = None
 
-    def frame(self) -> bytes:
-        return P.pack([self.op, self.rid, *self.args])
+    def frame(self, pack: Callable[[Any], bytes] = P.pack) -> bytes:
+        return pack([self.op, self.rid, *self.args])
 
     def finish(self, value: Any = None, exc: BaseException | None = None) -> None:
         self.value, self.exc, self.done = value, exc, True
-        self.event.set()
+        # `done` is set before `event` is read; a waiter sets `event` before reading
+        # `done`: one of the two always sees the other.
+        event = self.event
+        if event is not None:
+            event.set()
+
+    def nudge(self) -> None:
+        event = self.event
+        if event is not None:
+            event.set()
 
     def result(self) -> Any:
         if self.exc is not None:
@@ -63,6 +74,7 @@ class Connection:
         self.decoder = P.Decoder()
         self.dead: BaseException | None = None
         self.leader_pid = 0
+        self._pack = P.packer()  # used under send_lock only
 
     @classmethod
     def open(cls, address: str | bytes, client: bytes, rids: Iterator[int],
@@ -71,12 +83,16 @@ class Connection:
         sock = _sockets.connect(address, timeout)
         conn = cls(sock, rids)
         hello = Slot(P.HELLO, ({"v": P.VERSION, "client": client, "pid": os.getpid()},), True)
+        deadline = None if timeout is None else time.monotonic() + timeout
         with conn.send_lock:
             hello.rid = 0
             hello.conn = conn
             conn.pending[0] = hello
-            sock.sendall(hello.frame())
-        deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                _sockets.send_all(sock, hello.frame(), deadline)
+            except BaseException:
+                _sockets.hang_up(sock)
+                raise
         conn.wait(hello, deadline)
         if conn.dead is not None and not hello.done:
             _sockets.hang_up(sock)
@@ -86,7 +102,7 @@ class Connection:
         return conn
 
     # -- sending -------------------------------------------------------------------------
-    def submit(self, slot: Slot) -> bool:
+    def submit(self, slot: Slot, deadline: float | None) -> bool:
         """Give `slot` an id and send it. False if this connection is already dead (the
         slot was not taken). A send that fails kills the connection with the slot
         pending, so failover resends it."""
@@ -97,8 +113,8 @@ class Connection:
             slot.conn = self
             self.pending[slot.rid] = slot
             try:
-                self.sock.sendall(slot.frame())
-            except OSError as exc:
+                _sockets.send_all(self.sock, slot.frame(self._pack), deadline)
+            except OSError as exc:  # TimeoutError too: a frame may be cut, start over
                 self._die(exc)
         return True
 
@@ -112,7 +128,8 @@ class Connection:
                 slot.conn = self
                 self.pending[slot.rid] = slot
             try:
-                self.sock.sendall(b"".join(s.frame() for s in slots))
+                _sockets.send_all(self.sock, b"".join(s.frame(self._pack) for s in slots),
+                                  None)
             except OSError as exc:
                 self._die(exc)
 
@@ -124,7 +141,10 @@ class Connection:
             conn = slot.conn
             if conn is None or conn.dead is not None:
                 return
-            slot.event.clear()
+            event = slot.event
+            if event is None:
+                event = slot.event = threading.Event()
+            event.clear()
             if _done(slot):  # answered between the loop test and clear()
                 return
             if conn.recv_lock.acquire(blocking=False):
@@ -136,7 +156,7 @@ class Connection:
             else:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 expired = remaining is not None and remaining <= 0
-                if (expired or not slot.event.wait(remaining)) and not slot.done:
+                if (expired or not event.wait(remaining)) and not slot.done:
                     self._expire(conn, slot)
 
     def _expire(self, conn: Connection, slot: Slot) -> None:
@@ -147,16 +167,9 @@ class Connection:
     def _read_until(self, slot: Slot, deadline: float | None) -> None:
         sock = self.sock
         while not slot.done and self.dead is None:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._expire(self, slot)
-                sock.settimeout(remaining)
-            elif sock.gettimeout() is not None:
-                sock.settimeout(None)
             try:
-                data = sock.recv(RECV_SIZE)
-            except _sockets.SocketTimeout:
+                data = _sockets.recv_some(sock, RECV_SIZE, deadline)
+            except TimeoutError:
                 self._expire(self, slot)
             except OSError as exc:
                 self._die(exc)
@@ -190,10 +203,12 @@ class Connection:
 
     def _wake_waiters(self) -> None:
         # Whoever waits next must take over reading.
+        if not self.pending:
+            return
         with self.send_lock:
             slots = list(self.pending.values())
         for s in slots:
-            s.event.set()
+            s.nudge()
 
     def alive(self) -> bool:
         """False once the leader's end is known to be closed (peeks, never consumes)."""

@@ -308,7 +308,7 @@ class Engine:
             if conn is None or conn.dead is not None:
                 self._recover(conn, deadline)
                 continue
-            if conn.submit(slot):
+            if conn.submit(slot, deadline):
                 break
         while not slot.done:
             conn = slot.conn

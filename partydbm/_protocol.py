@@ -15,7 +15,7 @@ the connection is closed: no peer ever waits on a message that was dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -37,6 +37,11 @@ MAX_MESSAGE = 256 * 1024 * 1024
 def pack(obj: Any) -> bytes:
     """Encode one message (thread-safe: no packer state is shared)."""
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def packer() -> Callable[[Any], bytes]:
+    """A reusable encoder, cheaper than pack(); for one thread (or under a lock)."""
+    return msgpack.Packer(use_bin_type=True).pack  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:

@@ -121,6 +121,7 @@ class Server:
     def _serve(self, sock: _sockets.Socket) -> None:
         peer = Peer()
         decoder = P.Decoder()
+        pack = P.packer()
         try:
             peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
             if not self._may_access(peer):
@@ -132,7 +133,7 @@ class Server:
                 if not data:
                     return
                 decoder.feed(data)
-                replies = [self._handle(peer, msg) for msg in decoder]
+                replies = [self._handle(peer, msg, pack) for msg in decoder]
                 if replies:
                     sock.sendall(b"".join(replies))
         except P.DecodeError as exc:
@@ -167,7 +168,7 @@ class Server:
             bits = st.st_mode
         return bits & 0o7 == 0o7
 
-    def _handle(self, peer: Peer, msg: Any) -> bytes:
+    def _handle(self, peer: Peer, msg: Any, pack: Callable[[Any], bytes]) -> bytes:
         if not isinstance(msg, list) or len(msg) < 2 or not isinstance(msg[0], int):
             raise _ProtocolViolation(None, f"malformed request {msg!r:.80}")
         op, rid = msg[0], msg[1]
@@ -176,9 +177,9 @@ class Server:
         if peer.client is None:
             return self._hello(peer, rid, msg)
         try:
-            return P.pack([rid, True, self.dispatcher.call(peer, op, rid, msg[2:])])
+            return pack([rid, True, self.dispatcher.call(peer, op, rid, msg[2:])])
         except Exception as exc:
-            return P.pack([rid, False, to_wire(exc)])
+            return pack([rid, False, to_wire(exc)])
 
     def _hello(self, peer: Peer, rid: int, msg: list[Any]) -> bytes:
         if msg[0] != P.HELLO or len(msg) != 3 or not isinstance(msg[2], dict):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 Socket = socket.socket
-SocketTimeout = socket.timeout
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -27,15 +27,48 @@ def listen(address: str | bytes, file_mode: int) -> socket.socket:
     return sock
 
 
+# A blocking socket whose recv/send give up after SLICE (SO_RCVTIMEO/SO_SNDTIMEO) lets
+# callers check their own deadlines without Python's per-call timeout machinery (which
+# costs a poll() and two fcntl()s per request).
+SLICE = 0.1
+_TIMEVAL = struct.Struct("ll")
+
+
 def connect(address: str | bytes, timeout: float | None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(address)
+        sock.settimeout(None)
+        slice_ = _TIMEVAL.pack(0, int(SLICE * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, slice_)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, slice_)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
+    """sendall() that raises TimeoutError at `deadline` (then part of `data` may have
+    been sent: the caller must drop the connection)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("the peer stopped reading") from None
+
+
+def recv_some(sock: socket.socket, size: int, deadline: float | None) -> bytes:
+    """recv() that raises TimeoutError at `deadline`."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("no answer") from None
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -1,0 +1,300 @@
+"""The party: several processes on one database at once, checked against a model.
+
+Every process here is a worker (tests/workers.py) driven through mp_util: the test
+process itself never opens a database, so no test leaves an engine or a lock-waiter
+thread behind in pytest. Crashes are SIGKILL; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mp_util import (
+    DEADLINE,
+    Party,
+    RemoteError,
+    Worker,
+    all_replies,
+    clean_exit_stderr,
+    dump,
+    inode,
+)
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture
+def party() -> Iterator[Party]:
+    with Party() as p:
+        yield p
+
+
+def _go_file(tmp_path: Path) -> str:
+    return str(tmp_path / "go")
+
+
+def _start_together(workers: list[Worker], go: str, code: str) -> None:
+    """Submit `code` to every worker behind a barrier file, then release them at once."""
+    for w in workers:
+        w.submit("exec", f"wait_file({go!r})\n{code}")
+    Path(go).touch()
+
+
+# -- concurrent writers ------------------------------------------------------------------------
+def test_three_writers_on_distinct_keys_all_land(party: Party, tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    writers = party.repls(3)
+    roles = [w.open(path) for w in writers]
+    assert sorted(roles) == ["follower", "follower", "leader"]
+    for i, w in enumerate(writers):
+        w.submit("exec", f"wait_file({_go_file(tmp_path)!r})\n"
+                         f"result = write_range(db, 'w{i}-%04d', 300, 'value-{i}-%d')")
+    Path(_go_file(tmp_path)).touch()
+    model: dict[bytes, bytes] = {}
+    for written in all_replies(writers):
+        model.update(written)
+    assert len(model) == 900
+    for w in writers:  # every process sees the same whole
+        assert w.eval("len(db)") == 900
+        assert w.eval("dict(db.items())") == model
+    for w in writers:
+        w.exec("db.close()")
+    assert dump(party, path) == model
+
+
+def test_three_writers_on_the_same_keys_leave_one_of_the_last_values(
+        party: Party, tmp_path: Path) -> None:
+    """Writes from one handle apply in order, so each key ends with the *last* value some
+    writer gave it — never an older one, never a mix."""
+    path = tmp_path / "db"
+    writers = party.repls(3)
+    for w in writers:
+        w.open(path)
+    keys = 40
+    rounds = 8
+    code = ("for r in range({rounds}):\n"
+            "    for k in range({keys}):\n"
+            "        db[b'k%02d' % k] = b'w{i}-r%d' % r\n")
+    for i, w in enumerate(writers):
+        w.submit("exec", f"wait_file({_go_file(tmp_path)!r})\n"
+                 + code.format(rounds=rounds, keys=keys, i=i))
+    Path(_go_file(tmp_path)).touch()
+    all_replies(writers, timeout=60)
+    final = dump_via(writers[0])
+    assert len(final) == keys
+    assert writers[1].eval("len(db)") == keys
+    last_values = {b"w%d-r%d" % (i, rounds - 1) for i in range(3)}
+    for k in range(keys):
+        assert final[b"k%02d" % k] in last_values
+    assert writers[2].eval("dict(db.items())") == final
+
+
+def dump_via(worker: Worker) -> dict[bytes, bytes]:
+    items: dict[bytes, bytes] = worker.eval("dict(db.items())")
+    return items
+
+
+# -- read your writes across processes ----------------------------------------------------------
+@pytest.mark.parametrize("roles", ["writer-leads", "reader-leads", "both-follow"])
+def test_a_write_acknowledged_in_one_process_is_read_by_another(
+        party: Party, tmp_path: Path, roles: str) -> None:
+    path = tmp_path / "db"
+    third = None
+    if roles == "both-follow":
+        third = party.repl()
+        assert third.open(path) == "leader"
+    writer, reader = party.repl(), party.repl()
+    first, second = (reader, writer) if roles == "reader-leads" else (writer, reader)
+    first.open(path)
+    second.open(path)
+    assert writer.eval("db.is_leader") is (roles == "writer-leads")
+    assert reader.eval("db.is_leader") is (roles == "reader-leads")
+    rng = random.Random(7)
+    model: dict[bytes, bytes] = {}
+    for n in range(60):
+        key = b"key-%d" % rng.randrange(12)
+        if rng.random() < 0.7:
+            value = b"%d" % n
+            writer.exec(f"db[{key!r}] = {value!r}")
+            model[key] = value
+        else:
+            writer.exec(f"db.pop({key!r}, None)")
+            model.pop(key, None)
+        # The write was acknowledged: the other process sees it on its very next read.
+        assert reader.eval(f"db.get({key!r})") == model.get(key)
+        assert reader.eval(f"{key!r} in db") is (key in model)
+    assert reader.eval("dict(db.items())") == model
+    assert reader.eval("len(db)") == len(model)
+    if third is not None:
+        assert third.eval("dict(db.items())") == model
+
+
+# -- read-only followers ----------------------------------------------------------------------------
+READ_ONLY_WRITES = [
+    "db['a'] = 'x'",
+    "db['new'] = 'x'",
+    "del db['a']",
+    "del db['missing']",
+    "db.pop('a')",
+    "db.popitem()",
+    "db.setdefault('new', b'x')",
+    "db.update({'a': 'x'})",
+    "db.clear()",
+    "db.reorganize()",
+    "db.write_batch()",
+]
+
+
+def test_read_only_follower_reads_and_refuses_every_write(party: Party, tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    leader, follower = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    model = {b"a": b"1", b"b": b"2", b"c": b"3"}
+    leader.exec("db.update({b'a': b'1', b'b': b'2', b'c': b'3'})")
+    assert follower.open(path, "r") == "follower"
+    assert follower.eval("db['a']") == b"1"
+    assert follower.eval("db.get('zz')") is None
+    assert follower.eval("'b' in db") is True
+    assert follower.eval("len(db)") == 3
+    assert follower.eval("db.keys()") == [b"a", b"b", b"c"]
+    assert follower.eval("dict(db.items())") == model
+    assert follower.eval("list(db.iterator(start='b', include_value=False))") == [b"b", b"c"]
+    assert follower.eval("(db.firstkey(), db.nextkey('a'))") == [b"a", b"b"]
+    for statement in READ_ONLY_WRITES:
+        with pytest.raises(RemoteError) as info:
+            follower.exec(statement)
+        assert info.value.isa("ReadOnlyError", "error"), (statement, info.value)
+    # The leader's data is untouched, and the 'r' handle still reads new writes.
+    leader.exec("db['d'] = '4'")
+    assert follower.eval("dict(db.items())") == {**model, b"d": b"4"}
+    assert leader.eval("dict(db.items())") == {**model, b"d": b"4"}
+
+
+def test_read_only_handle_stays_read_only_after_its_process_becomes_leader(
+        party: Party, tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    leader, follower = party.repl(), party.repl()
+    leader.open(path)
+    leader.exec("db['a'] = '1'")
+    assert follower.open(path, "r") == "follower"
+    leader.kill()
+    assert follower.eval("db['a']") == b"1"  # fails over and takes the lead
+    assert follower.eval("db.is_leader") is True
+    with pytest.raises(RemoteError) as info:
+        follower.exec("db['a'] = '2'")
+    assert info.value.isa("ReadOnlyError")
+    assert follower.eval("db['a']") == b"1"
+
+
+# -- leader turnover ----------------------------------------------------------------------------
+def test_constant_leader_turnover_loses_no_key(party: Party, tmp_path: Path) -> None:
+    """20 rounds of 10 short-lived processes that each open, write one key and exit: the
+    leader changes all the time, and every one of the 200 writes survives."""
+    path = tmp_path / "db"
+    rounds, per_round = 20, 10
+    overall = time.monotonic() + 100
+    model: dict[bytes, bytes] = {}
+    for r in range(rounds):
+        batch = []
+        for p in range(per_round):
+            key, value = f"r{r:02d}-p{p}", f"value-{r}-{p}"
+            how = "close" if p % 2 else "exit"
+            batch.append(party.spawn("turnover", path, key, value, how))
+            model[key.encode()] = value.encode()
+        for w in batch:
+            remaining = overall - time.monotonic()
+            assert remaining > 0, f"turnover ran out of time in round {r}"
+            rc = w.wait(min(DEADLINE, remaining))
+            assert rc == 0, f"round {r}: {w} exited {rc}:\n{w.stderr()}"
+            assert not clean_exit_stderr(w.stderr()), w.stderr()
+            w.cleanup()
+    assert dump(party, path) == model
+
+
+# -- handover on close and on exit --------------------------------------------------------------
+def test_leader_exit_without_close_hands_over_cleanly(party: Party, tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    sock = path / "partydbm.sock"
+    leader, follower = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    leader.exec("db['from-leader'] = 'a'")
+    assert follower.open(path) == "follower"
+    old = inode(sock)
+    assert old is not None
+    assert leader.finish() == 0  # stdin closed: the script ends, the handle still open
+    assert not clean_exit_stderr(leader.stderr()), leader.stderr()
+    follower.exec("db['from-follower'] = 'b'")
+    assert follower.eval("db.is_leader") is True
+    assert follower.eval("dict(db.items())") == {b"from-leader": b"a", b"from-follower": b"b"}
+    new = inode(sock)
+    assert new is not None and new != old
+    latecomer = party.repl()
+    assert latecomer.open(path) == "follower"
+    assert latecomer.eval("db['from-leader']") == b"a"
+
+
+def test_lone_leader_exit_leaves_no_socket(party: Party, tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    leader = party.repl()
+    leader.open(path)
+    leader.exec("db['k'] = 'v'")
+    assert (path / "partydbm.sock").exists()
+    assert leader.finish() == 0
+    assert not clean_exit_stderr(leader.stderr()), leader.stderr()
+    assert not (path / "partydbm.sock").exists()
+    assert dump(party, path) == {b"k": b"v"}
+
+
+FOLLOWER_SCRIPT = """
+import sys, partydbm
+db = partydbm.open(sys.argv[1])
+assert not db.is_leader
+db['follower'] = 'was here'
+assert db['leader'] == b'here'
+{extra}
+print('follower done', flush=True)
+"""
+
+
+@pytest.mark.parametrize("extra", [
+    "",
+    "it = db.iterator(); next(it)  # an unfinished iterator",
+    "db2 = partydbm.open(sys.argv[1], 'r'); db2.get('leader')  # a second handle",
+], ids=["plain", "open-iterator", "two-handles"])
+def test_idle_follower_does_not_keep_its_interpreter_alive(
+        party: Party, tmp_path: Path, extra: str) -> None:
+    path = tmp_path / "db"
+    leader = party.repl()
+    assert leader.open(path) == "leader"
+    leader.exec("db['leader'] = 'here'")
+    before = inode(path / "partydbm.sock")
+    script = party.python(FOLLOWER_SCRIPT.format(extra=extra), path)
+    assert script.expect("follower done") == ""
+    assert script.wait(20) == 0, script.stderr()
+    assert not clean_exit_stderr(script.stderr()), script.stderr()
+    # The follower's exit took nothing from the leader.
+    assert leader.eval("db.is_leader") is True
+    assert inode(path / "partydbm.sock") == before
+    assert leader.eval("db['follower']") == b"was here"
+
+
+# -- threads in a follower ------------------------------------------------------------------------
+def test_one_follower_handle_shared_by_four_threads(party: Party, tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    leader, follower = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    base = leader.exec("result = write_range(db, 'base-%02d', 20, 'b%d')")
+    assert follower.open(path) == "follower"
+    seed = int.from_bytes(os.urandom(4), "big")
+    print(f"thread workload seed {seed}")
+    outcome = follower.eval(f"thread_workload(db, {seed})", timeout=60)
+    assert outcome["errors"] == [], "\n".join(outcome["errors"])
+    expected = {**base, **outcome["model"]}
+    assert follower.eval("dict(db.items())") == expected
+    assert leader.eval("dict(db.items())") == expected
+    assert follower.eval("len(db)") == len(expected)
