@@ -40,8 +40,8 @@ _leftovers: list[Any] = []  # backends inherited through fork: never closed, nev
 _shutting_down = False
 
 MAX_BACKOFF = 0.005
-# Test seam: seconds to wait before resending carried-over requests to a new leader
-# (lets a test put another process's write in between, to prove dedup).
+# Test seam: seconds to wait before resending (or, on promotion, replaying) carried-over
+# requests, so that a test can issue other writes in between.
 _RESEND_DELAY = float(os.environ.get("PARTYDBM_RESEND_DELAY") or 0)
 # Test seam: this process never takes the LOCK (a pure follower).
 _NEVER_LEAD = bool(os.environ.get("PARTYDBM_NEVER_LEAD"))
@@ -159,6 +159,8 @@ class Engine:
         then serve, then let the fast local path see the backend."""
         backend = open_db(self.path)
         try:
+            if _RESEND_DELAY and slots:
+                time.sleep(_RESEND_DELAY)
             peer = Peer(client=self.client)
             peer.applied, peer.last_result = backend.applied(self.client)
             dispatcher = Dispatcher(backend)

@@ -205,3 +205,25 @@ def test_hung_leader_times_out_then_recovers(tmp_path: Path) -> None:
             assert not db.is_leader
     finally:
         a.close()
+
+
+def test_writes_issued_while_becoming_leader_apply_after_the_ones_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Predecessor bug 3: writes issued during self-election overtook queued ones."""
+    from partydbm import _engine
+
+    monkeypatch.setattr(_engine, "_RESEND_DELAY", 0.5)  # slow replay on promotion
+    path = tmp_path / "db"
+    a = _leader(path, "before_apply")
+    try:
+        with partydbm.open(path) as db:
+            first = threading.Thread(target=db.__setitem__, args=(b"k", b"first"))
+            first.start()  # in flight when A dies; T replays it after 0.5 s
+            _wait_dead(a)
+            db[b"k"] = b"second"  # issued later, while T is becoming the leader
+            first.join(DEADLINE)
+            assert not first.is_alive()
+            assert db[b"k"] == b"second"
+            assert db.is_leader
+    finally:
+        a.close()
