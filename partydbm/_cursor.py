@@ -55,17 +55,21 @@ def scan(db: PartyDBM, rng: Range, reverse: bool, shape: str) -> Iterator[Any]:
                                  PAGE_BYTES, db)
         limit = PAGE
         if keys_only:
-            for key in page:
-                _check(db, generation)
-                yield key
+            entries: Any = page
             last = page[-1] if page else None
         else:
             it = iter(page)
-            for key in it:
-                value = next(it)
-                _check(db, generation)
-                yield value if shape == "values" else (key, value)
+            entries = page[1::2] if shape == "values" else zip(it, it)
             last = page[-2] if page else None
+        if db._retry:
+            for entry in entries:
+                if db._engine is None:
+                    raise ClosedError(CLOSED_MESSAGE)
+                yield entry
+        else:
+            for entry in entries:
+                _check(db, generation)
+                yield entry
         if not more or last is None:
             return
         if reverse:
