@@ -61,6 +61,7 @@ class RoleSession:
         self._pending: list[str] = []  # paths to hand back to the holder
         self._busy = False  # mid-conversation with the holder (a __del__ may close then)
         self._patchers: list[Any] = []
+        self._took_over: list[str] = []  # handles that were the leader when they closed
 
     def start(self) -> None:
         self._patchers.append(mock.patch.object(partydbm, "open", self._open))
@@ -68,6 +69,7 @@ class RoleSession:
             session = self
 
             def close(db: partydbm.PartyDBM) -> None:
+                session._check_still_following(db)
                 _REAL_CLOSE(db)
                 session._closed(db)
 
@@ -92,6 +94,10 @@ class RoleSession:
         self._pending.extend(path for path in self._held if path not in self._pending)
         self._held.clear()
         self._flush()
+        if self._took_over:
+            paths, self._took_over = self._took_over, []
+            raise AssertionError(f"follower role: the test's handle became the leader of "
+                                 f"{paths} before it closed (the holder lost the database)")
 
     # -- open and close ------------------------------------------------------------------
     def _open(self, file: Any, flag: str = "c", mode: int = 0o666,
@@ -119,6 +125,14 @@ class RoleSession:
                                  f"is {what}")
         self.opens += 1
         return db
+
+    def _check_still_following(self, db: partydbm.PartyDBM) -> None:
+        if id(db) in self._handles:
+            try:
+                if db.is_leader:
+                    self._took_over.append(db.name)
+            except partydbm.ClosedError:
+                pass
 
     def _closed(self, db: partydbm.PartyDBM) -> None:
         entry = self._handles.pop(id(db), None)

@@ -173,7 +173,7 @@ class _Partydbm(RoleMixin):
     patches: tuple[tuple[Any, str, Any], ...] = ()
 
     def setUp(self) -> None:
-        patchers = [
+        patchers: list[Any] = [
             mock.patch.object(dbm, "whichdb", _whichdb(dbm.whichdb)),
             mock.patch.dict(dbm._modules, {"partydbm": partydbm}),  # type: ignore[attr-defined]
             mock.patch.object(dbm, "_defaultmod", partydbm),
