@@ -54,6 +54,27 @@ class LockFile:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._waiter: threading.Thread | None = None
         self._mutex = threading.Lock()
+        self.retired = False
+
+    def is_stale(self) -> bool:
+        """Whether our fd is on a LOCK file that has since been deleted or replaced (the
+        database was removed and created again): locks on it guard nothing."""
+        mine = os.fstat(self.fd)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino)
+
+    def retire(self) -> None:
+        """Stop using a stale LockFile. Its fd is on a dead inode, so closing it drops no
+        lock that matters; if a waiter still blocks on it, the waiter's callback finds
+        the LockFile retired and closes it then."""
+        with self._mutex:
+            self.retired = True
+            if self._waiter is None or not self._waiter.is_alive():
+                os.close(self.fd)
+                self.fd = -1
 
     def try_lock(self) -> bool:
         try:

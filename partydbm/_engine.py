@@ -60,6 +60,9 @@ def acquire(path: str, timeout: float | None) -> Engine:
         engine = _engines.get(path)
         if engine is None:
             lockfile = _lockfiles.get(path)
+            if lockfile is not None and lockfile.is_stale():
+                lockfile.retire()
+                lockfile = None
             if lockfile is None:
                 lockfile = _lockfiles[path] = LockFile(path)
             engine = _engines[path] = Engine(path, lockfile)
@@ -83,14 +86,17 @@ def release(engine: Engine) -> None:
         engine.close()
 
 
-def _lock_acquired(path: str) -> None:
+def _lock_acquired(path: str, lockfile: LockFile) -> None:
     """Called by a LockFile's waiter thread when this process got the LOCK."""
     with _registry:
+        if lockfile.retired:  # a lock on a deleted LOCK file: it guards nothing
+            os.close(lockfile.fd)
+            return
         engine = _engines.get(path)
         if engine is None or _shutting_down:
             # Nobody here wants the database any more: pass the lock on. Safe because no
             # engine for `path` exists, so LevelDB does not hold it in this process.
-            _lockfiles[path].unlock()
+            lockfile.unlock()
             return
         engine.lock_won()
 
@@ -149,6 +155,8 @@ class Engine:
                 except LockTainted:
                     self._lockfile.unlock()
                     _tainted.add(self.path)
+                except LockHeld:  # cannot happen with a current LockFile; follow anyway
+                    self._lockfile.unlock()
             if self.backend is None:
                 self._recover(None, deadline)
             self._started = True
@@ -262,7 +270,8 @@ class Engine:
             if self.path in _tainted:
                 self._ensure_helper()
             elif not _NEVER_LEAD:
-                self._lockfile.wait_in_background(lambda: _lock_acquired(self.path))
+                lockfile = self._lockfile
+                lockfile.wait_in_background(lambda: _lock_acquired(self.path, lockfile))
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise self._timeout_error(deadline)

@@ -58,6 +58,8 @@ def open(file: Any, flag: str = "c", mode: int = 0o666, *, retry: bool = True,
     """Open (or create) the partydbm database at `file`; see CONTRACT.md."""
     kind, sync = _parse_flag(flag)
     shown = os.fspath(file)
+    if not shown:
+        raise error(errno.ENOENT, "an empty path names no database", shown)
     path = os.path.realpath(os.fsdecode(shown))
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be None or >= 0")
