@@ -48,6 +48,7 @@ class Opener:
         self.role = role
         self.holder = holder
         self.handles: list[partydbm.PartyDBM] = []
+        self._shared: partydbm.PartyDBM | None = None
 
     def __call__(self, flag: str = "c", **kw: Any) -> partydbm.PartyDBM:
         db = partydbm.open(self.path, flag, **kw)
@@ -55,6 +56,13 @@ class Opener:
         assert db.is_leader is (self.role == "leader"), (
             f"asked for a {self.role} handle, got is_leader={db.is_leader}")
         return db
+
+    def shared(self, flag: str = "c") -> partydbm.PartyDBM:
+        """One handle for the whole test, opened on first use (for hypothesis tests,
+        whose examples all run inside one test and its fixtures)."""
+        if self._shared is None:
+            self._shared = self(flag)
+        return self._shared
 
     def close_all(self) -> None:
         for db in self.handles:

@@ -53,7 +53,7 @@ class RemoteError(Exception):
         return all(name in self.mro for name in names)
 
 
-# -- JSON that keeps bytes and bytes-keyed dicts ----------------------------------------------
+# -- JSON that keeps bytes and bytes-keyed dicts -------------------------------------------
 def _to_json(obj: Any) -> Any:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return {"$b": bytes(obj).hex()}
@@ -84,12 +84,12 @@ def decode(text: str) -> Any:
     return json.loads(text, object_hook=_from_json)
 
 
-# -- one worker --------------------------------------------------------------------------------
+# -- one worker ----------------------------------------------------------------------------
 class Worker:
     """One spawned process with line-based stdin/stdout. Use through `Party`."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives with the worker
         self.proc = subprocess.Popen(
             [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, start_new_session=True, cwd=HERE,
@@ -167,12 +167,13 @@ class Worker:
         return self.reply(timeout)
 
     def open(self, path: str | os.PathLike[str], flag: str = "c", name: str = "db",
-             timeout: float = DEADLINE, **kwargs: Any) -> str:
-        """Open `path` in the worker as variable `name`; 'leader' or 'follower'."""
+             deadline: float = DEADLINE, **kwargs: Any) -> str:
+        """Open `path` in the worker as variable `name` (`kwargs` go to partydbm.open);
+        'leader' or 'follower'. `deadline`: how long the test waits for the answer."""
         args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
         return self.exec(  # type: ignore[no-any-return]
             f"{name} = partydbm.open({os.fspath(path)!r}, {flag!r}{args})\n"
-            f"result = 'leader' if {name}.is_leader else 'follower'", timeout)
+            f"result = 'leader' if {name}.is_leader else 'follower'", deadline)
 
     # -- ending ------------------------------------------------------------------------------
     def wait(self, timeout: float = DEADLINE) -> int:
@@ -260,7 +261,7 @@ class Party:
         self.close()
 
 
-# -- helpers ---------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------
 def all_replies(workers: Iterable[Worker], timeout: float = DEADLINE) -> list[Any]:
     """The answers to requests submitted to several workers, in order; one deadline."""
     deadline = time.monotonic() + timeout
@@ -290,12 +291,29 @@ def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE,
         time.sleep(0.01)
 
 
-def inode(path: str | os.PathLike[str]) -> int | None:
-    """The inode at `path`, None if nothing is there."""
-    try:
-        return os.lstat(path).st_ino
-    except FileNotFoundError:
-        return None
+class Witness:
+    """Remembers which file sits at `path` now, through a hard link beside its directory
+    (inode numbers alone prove nothing: a file created right after an unlink often gets
+    the same one)."""
+
+    _count = 0
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        Witness._count += 1
+        self.link = self.path.parent.parent / f"witness-{os.getpid()}-{Witness._count}"
+        os.link(self.path, self.link)
+
+    def same(self) -> bool:
+        """Whether `path` is still the very file it was (not removed, not replaced)."""
+        try:
+            return os.path.samefile(self.path, self.link)
+        except FileNotFoundError:
+            return False
+
+    def replaced(self) -> bool:
+        """Whether another file now sits at `path`."""
+        return self.path.exists() and not self.same()
 
 
 def clean_exit_stderr(text: str) -> list[str]:

@@ -7,7 +7,10 @@ import dbm.dumb
 import errno
 import os
 import pickle
+import select
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,6 +211,42 @@ def test_non_ascii_path(tmp_path: Path) -> None:
         db["ключ"] = "значение"
     with partydbm.open(os.fsencode(path), "r") as db:
         assert db["ключ".encode()] == "значение".encode()
+
+
+@pytest.mark.parametrize("kw", [{"retry": False}, {"timeout": None}, {"timeout": 0.5},
+                                {"retry": True, "timeout": 30.0}])
+def test_open_takes_retry_and_timeout(open_db, kw) -> None:
+    db = open_db("c", **kw)
+    db[b"k"] = b"v"
+    assert contents(db) == {b"k": b"v"}
+    assert list(db.iterator(reverse=True)) == [(b"k", b"v")]
+
+
+PLYVEL_HOLDER = """
+import sys, plyvel
+db = plyvel.DB(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_open_raises_Timeout_when_the_lock_holder_never_serves(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    partydbm.open(path, "c").close()
+    proc = subprocess.Popen([sys.executable, "-c", PLYVEL_HOLDER, str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready and proc.stdout.readline().strip() == "ready"
+        with pytest.raises(partydbm.Timeout) as info:
+            partydbm.open(path, "w", timeout=0.2)
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value, partydbm.error)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdin.close()
+        proc.stdout.close()
 
 
 # -- mode --------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import time
 import traceback
 from typing import Any
 
-import partydbm
 from mp_util import decode, encode
+
+import partydbm
 
 DEADLINE = 30.0
 
@@ -30,10 +31,13 @@ db: Any = None
 
 
 def report(obj: Any) -> None:
-    print(encode(obj), flush=True)
+    """One JSON line, in one write(2): forked children share stdout, and a pipe write
+    of one small buffer is never interleaved with another."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (encode(obj) + "\n").encode())
 
 
-# -- repl: run the test's Python, one JSON line per request ------------------------------------
+# -- repl: run the test's Python, one JSON line per request --------------------------------
 def repl() -> None:
     """Requests {"op": "exec"|"eval", "code": ...}; answers {"ok": value} or {"exc": [type,
     mro, message, traceback]}. Falls off the end when stdin closes, leaving any handle
@@ -149,7 +153,7 @@ def _thread_step(h: Any, rng: random.Random, model: dict[bytes, bytes], prefix: 
         assert h.pop(key, None) == model.pop(key, None), key
 
 
-# -- one-shot workers ---------------------------------------------------------------------------
+# -- one-shot workers ----------------------------------------------------------------------
 def turnover(path: str, key: str, value: str, how: str) -> None:
     """Open, write one key, read it back, and close (how == "close") or just exit."""
     global db
@@ -215,7 +219,7 @@ def uid_probe(uid: str, path: str, address_hex: str) -> None:
     report(out)
 
 
-# -- fork (multiprocessing's fork start method, and os.fork) -------------------------------------
+# -- fork (multiprocessing's fork start method, and os.fork) -------------------------------
 def _recv(conn: Any, timeout: float = DEADLINE) -> Any:
     try:
         if not conn.poll(timeout):
@@ -291,7 +295,15 @@ def _write_through_close(handle: Any, i: int, conn: Any) -> dict[str, Any]:
         time.sleep(0.001)
     own = dict(handle.iterator(prefix=b"c%d-" % i))
     return {"n": j, "closed_at": closed_at, "own_ok": own == {
-        b"c%d-%04d" % (i, k): b"v%d" % k for k in range(j)}}
+        b"c%d-%04d" % (i, k): b"v%d" % k for k in range(j)}, "late": _late_writes(handle, i)}
+
+
+def _late_writes(handle: Any, i: int) -> dict[bytes, bytes]:
+    """Child 1 writes again after child 0 (and anything child 0 started) has gone."""
+    if i != 1:
+        return {}
+    time.sleep(0.5)
+    return write_range(handle, "late-%02d", 10, "l%d")
 
 
 def fork_outlive_close(path: str) -> None:
@@ -360,7 +372,8 @@ def _exit_child(handle: Any, i: int, r: int) -> None:
         written = write_range(handle, f"c{i}-%03d", 50, f"v{i}-%d")
         own = dict(handle.iterator(prefix=f"c{i}-"))
         report({"child": i, "ok": own == {**written, f"c{i}-early".encode(): b"e"},
-                "parent": handle.get("parent"), "parent_last": handle.get("parent-last")})
+                "parent": handle.get("parent"), "parent_last": handle.get("parent-last"),
+                "late": _late_writes(handle, i)})
         code = 0
     except BaseException:
         report({"child": i, "error": traceback.format_exc()})
@@ -407,8 +420,47 @@ def _follower_child(handle: Any, conn: Any) -> None:
         conn.send(encode({"error": traceback.format_exc()}))
 
 
+def fork_leader_returns(path: str) -> None:
+    """The parent leads, forks a child, closes, and leads again at once (before the
+    helper the child started for itself is up); then the parent leaves for good."""
+    ctx = multiprocessing.get_context("fork")
+    handle = partydbm.open(path)
+    out: dict[str, Any] = {"parent_leader": handle.is_leader}
+    mine, theirs = ctx.Pipe()
+    p = ctx.Process(target=_returning_child, args=(handle, theirs))
+    p.start()
+    out["forked"] = _recv(mine)
+    handle.close()
+    mine.send("write")  # no leader now: the child starts its helper
+    time.sleep(0.05)
+    handle = partydbm.open(path)  # ...and the parent is back first
+    out["parent_leads_again"] = handle.is_leader
+    out["second"] = _recv(mine)
+    time.sleep(1.0)  # the child's helper comes up meanwhile, and follows the parent
+    handle.close()  # the parent leaves for good
+    mine.send("write")
+    out["third"] = _recv(mine)
+    out["exitcodes"] = _join([p])
+    report(out)
+
+
+def _returning_child(handle: Any, conn: Any) -> None:
+    try:
+        for n in range(3):
+            if n:
+                if not conn.poll(DEADLINE):
+                    raise TimeoutError("the parent said nothing")
+                conn.recv()
+            written = write_range(handle, f"c{n}-%02d", 5, "%d")
+            conn.send(encode({"ok": all(handle[k] == v for k, v in written.items()),
+                              "is_leader": handle.is_leader}))
+    except BaseException:
+        conn.send(encode({"error": traceback.format_exc()}))
+
+
 WORKERS = {f.__name__: f for f in (repl, turnover, plain_leveldb, uid_probe, fork_from_leader,
-                                     fork_outlive_close, fork_outlive_exit, fork_from_follower)}
+                                     fork_outlive_close, fork_outlive_exit, fork_from_follower,
+                                     fork_leader_returns)}
 
 if __name__ == "__main__":
     WORKERS[sys.argv[1]](*sys.argv[2:])
