@@ -59,7 +59,7 @@ def scan(db: PartyDBM, rng: Range, reverse: bool, shape: str) -> Iterator[Any]:
             last = page[-1] if page else None
         else:
             it = iter(page)
-            entries = page[1::2] if shape == "values" else zip(it, it)
+            entries = page[1::2] if shape == "values" else zip(it, it, strict=True)
             last = page[-2] if page else None
         if db._retry:
             for entry in entries:

@@ -66,6 +66,18 @@ class LockFile:
             return True
         return (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino)
 
+    def waiting(self) -> bool:
+        with self._mutex:
+            return self._waiter is not None and self._waiter.is_alive()
+
+    def close(self) -> None:
+        """Close the fd. Only when LevelDB does not hold the lock in this process and no
+        waiter blocks on the fd (a lock granted after the close could never be given
+        back)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def retire(self) -> None:
         """Stop using a stale LockFile. Its fd is on a dead inode, so closing it drops no
         lock that matters; if a waiter still blocks on it, the waiter's callback finds

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 import subprocess
@@ -84,6 +85,18 @@ def release(engine: Engine) -> None:
         if _engines.get(engine.path) is engine:
             del _engines[engine.path]
         engine.close()
+        _forget_lockfile(engine.path, engine._lockfile)
+
+
+def _forget_lockfile(path: str, lockfile: LockFile) -> None:
+    """Close a database's LOCK fd once nothing in this process needs it. Called with
+    `_registry` held, after the engine closed (so LevelDB holds no lock here). A waiter
+    still blocked on the fd keeps it open; its callback closes it later."""
+    if path in _engines or lockfile.waiting():
+        return
+    if _lockfiles.get(path) is lockfile:
+        del _lockfiles[path]
+    lockfile.close()
 
 
 def _lock_acquired(path: str, lockfile: LockFile) -> None:
@@ -97,6 +110,8 @@ def _lock_acquired(path: str, lockfile: LockFile) -> None:
             # Nobody here wants the database any more: pass the lock on. Safe because no
             # engine for `path` exists, so LevelDB does not hold it in this process.
             lockfile.unlock()
+            if engine is None:
+                _forget_lockfile(path, lockfile)
             return
         engine.lock_won()
 
@@ -271,7 +286,8 @@ class Engine:
                 self._ensure_helper()
             elif not _NEVER_LEAD:
                 lockfile = self._lockfile
-                lockfile.wait_in_background(lambda: _lock_acquired(self.path, lockfile))
+                lockfile.wait_in_background(functools.partial(_lock_acquired, self.path,
+                                                              lockfile))
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise self._timeout_error(deadline)

@@ -72,6 +72,16 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         value = self._e().get(to_bytes(key), self)
         return default if value is None else value
 
+    def setdefault(self, key: Key, default: Any = None) -> bytes:
+        """The stored value of `key`; if missing, store `default` and return it as stored
+        (bytes). A missing key with no default raises TypeError (None is no value)."""
+        value: bytes | None = self.get(key)
+        if value is not None:
+            return value
+        stored = to_bytes(default, "values")
+        self[key] = stored
+        return stored
+
     def __setitem__(self, key: Key, value: Key) -> None:
         k = key if type(key) is bytes else to_bytes(key)
         v = value if type(value) is bytes else to_bytes(value, "values")

@@ -104,6 +104,16 @@ def install() -> None:
             return "partydbm"
         return original(filename)
 
+    if dbm._defaultmod is None:  # type: ignore[attr-defined]
+        # dbm.open() fills dbm._modules with the stdlib backends only while _defaultmod
+        # is None; do it first, or dbm.open() could no longer open dumb/gnu/sqlite3 files.
+        import importlib
+
+        for name in dbm._names:  # type: ignore[attr-defined]
+            try:
+                dbm._modules[name] = importlib.import_module(name)  # type: ignore[attr-defined]
+            except ImportError:
+                continue
     _installed.update(whichdb=original, defaultmod=dbm._defaultmod)  # type: ignore[attr-defined]
     dbm.whichdb = patched_whichdb
     dbm._modules["partydbm"] = module  # type: ignore[attr-defined]

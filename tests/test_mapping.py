@@ -312,8 +312,6 @@ def test_setdefault(open_db) -> None:
     assert contents(db) == {b"k": b"first"}
 
 
-@pytest.mark.xfail(reason="BUG: setdefault() on a missing key returns the default as given "
-                   "(str/bytearray), not the stored bytes (dbm.gnu returns bytes)", strict=True)
 def test_setdefault_on_a_missing_key_returns_the_stored_bytes(open_db) -> None:
     db = open_db()
     got = [db.setdefault("s", "x"), db.setdefault(b"b", bytearray(b"y")),
@@ -594,9 +592,6 @@ def _open_fds() -> set[tuple[str, str]]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
-@pytest.mark.xfail(reason="BUG: the LOCK file's fd (one LockFile per path, never closed) stays "
-                   "open after the last handle on a path is closed: a process that opens "
-                   "many databases runs out of file descriptors", strict=True)
 def test_closing_the_last_handle_releases_every_file_descriptor(open_db) -> None:
     before = _open_fds()
     db = open_db()

@@ -167,10 +167,6 @@ def test_installed_dbm_whichdb_still_names_other_formats(installed, tmp_path: Pa
     assert dbm.whichdb(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.xfail(reason="BUG: install() sets dbm._defaultmod before dbm.open() ever ran, so "
-                   "dbm never fills dbm._modules: existing dbm.dumb/gnu/ndbm databases can no "
-                   "longer be opened ('db type is dbm.dumb, but the module is not available')",
-                   strict=True)
 def test_installed_dbm_open_still_opens_existing_databases_of_other_formats(
         installed, tmp_path: Path) -> None:
     with dbm.dumb.open(str(tmp_path / "dumb"), "c") as d:
