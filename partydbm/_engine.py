@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _protocol as P
+from . import _sockets
 from ._backend import Backend, LockHeld, LockTainted, Range, open_db
 from ._client import Connection, Slot
 from ._election import LockFile, socket_address
@@ -281,18 +282,37 @@ class Engine:
                 conn.resend(slots)
                 self._conn = conn
                 self.generation += 1
+                threading.Thread(target=self._watch, args=(conn,), daemon=True,
+                                 name="partydbm-watch").start()
                 return
-            if self.path in _tainted:
-                self._ensure_helper()
-            elif not _NEVER_LEAD:
-                lockfile = self._lockfile
-                lockfile.wait_in_background(functools.partial(_lock_acquired, self.path,
-                                                              lockfile))
+            self._contend()
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise self._timeout_error(deadline)
             self._cond.wait(backoff if remaining is None else min(backoff, remaining))
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _contend(self) -> None:
+        """Make sure this process competes for leadership: a thread blocked on the LOCK
+        (the kernel hands it to one waiter the moment the holder dies), or, in a process
+        that inherited LevelDB's lock table through fork, a helper process that can."""
+        if self.path in _tainted:
+            self._ensure_helper()
+        elif not _NEVER_LEAD:
+            lockfile = self._lockfile
+            lockfile.wait_in_background(functools.partial(_lock_acquired, self.path,
+                                                          lockfile))
+
+    def _watch(self, conn: Connection) -> None:
+        """Per follower connection: when the leader hangs up, contend for the LOCK at
+        once, even if no request is waiting (an idle follower must be able to lead).
+        The waiter starts only then, so a follower that closes while its leader is
+        alive leaves no thread blocked on the LOCK (and its fd can be closed)."""
+        _sockets.wait_hangup(conn.sock)
+        with self._cond:
+            if self.closed or self._conn is not conn:
+                return
+            self._contend()
 
     def _try_connect(self, deadline: float | None) -> Connection | None:
         remaining = _remaining(deadline)
@@ -404,12 +424,14 @@ class Engine:
             if self.closed:
                 return
             self.closed = True
-            if self._server is not None:
-                self._server.stop()
-                self._server = None
-            if self.backend is not None:
-                backend, self.backend = self.backend, None
-                backend.close()  # releases the LOCK: the next leader takes over
+            try:
+                if self._server is not None:
+                    server, self._server = self._server, None
+                    server.stop()
+            finally:
+                if self.backend is not None:
+                    backend, self.backend = self.backend, None
+                    backend.close()  # releases the LOCK: the next leader takes over
             if self._conn is not None:
                 conn, self._conn = self._conn, None
                 conn.kill(ClosedError("DBM object has already been closed"))

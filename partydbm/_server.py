@@ -115,7 +115,7 @@ class Server:
                                      name="partydbm-serve", daemon=True)
                 self._conns.add(sock)
                 self._threads.add(t)
-            t.start()
+                t.start()  # under the lock: stop() must never see an unstarted thread
 
     # -- one follower --------------------------------------------------------------------
     def _serve(self, sock: _sockets.Socket) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import time
@@ -87,6 +88,22 @@ def peer_open(sock: socket.socket) -> bool:
     except OSError:
         return False
     return bool(data)
+
+
+def wait_hangup(sock: socket.socket) -> None:
+    """Block until the connection ends (peer gone, or our own hang_up()). Replies
+    arriving meanwhile do not wake it: it waits for POLLRDHUP, not POLLIN."""
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLRDHUP)
+    except (OSError, ValueError):
+        return
+    while True:
+        try:
+            if poller.poll():
+                return
+        except InterruptedError:
+            continue
 
 
 def drop(sock: socket.socket) -> None:

@@ -33,6 +33,14 @@ def _wait_dead(holder: Holder) -> None:
     assert holder.proc.returncode == -signal.SIGKILL
 
 
+def _wait_stopped(pid: int) -> None:
+    """SIGSTOP takes effect asynchronously: wait until the kernel says 'stopped'."""
+    deadline = time.monotonic() + DEADLINE
+    while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "T":
+        assert time.monotonic() < deadline, "SIGSTOP did not take effect"
+        time.sleep(0.001)
+
+
 def test_write_lost_before_apply_is_applied_once_on_the_new_leader(tmp_path: Path) -> None:
     path = tmp_path / "db"
     a = _leader(path, "before_apply")
@@ -193,6 +201,7 @@ def test_hung_leader_times_out_then_recovers(tmp_path: Path) -> None:
         with partydbm.open(path, timeout=1.0) as db:
             db[b"k"] = b"v"
             os.kill(a.pid, signal.SIGSTOP)
+            _wait_stopped(a.pid)
             try:
                 start = time.monotonic()
                 with pytest.raises(partydbm.Timeout):
