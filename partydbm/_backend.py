@@ -66,9 +66,10 @@ class Backend:
 
     def __init__(self, db: Any) -> None:
         self._db = db
-        # Bound methods looked up once: these are the leader's hot path.
-        self._get = db.get
-        self._put = db.put
+        # Bound methods looked up once: these are the leader's hot path (the facade calls
+        # raw_get/raw_put with USER + key itself, saving a Python call per operation).
+        self._get = self.raw_get = db.get
+        self._put = self.raw_put = db.put
         self._delete = db.delete
 
     # -- point operations (user keys, unprefixed) -------------------------------------

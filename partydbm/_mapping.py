@@ -10,6 +10,7 @@ from typing import Any
 from . import _cursor
 from . import _engine as E
 from . import _protocol as P
+from ._backend import USER
 from ._errors import CLOSED_MESSAGE, READONLY_MESSAGE, ClosedError, ReadOnlyError
 
 Key = bytes | str | bytearray | memoryview
@@ -63,7 +64,8 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         if engine is None:
             raise ClosedError(CLOSED_MESSAGE)
         backend = engine.backend
-        value = backend.get(k) if backend is not None else engine.call(P.GET, (k,), self)
+        value: bytes | None = (backend.raw_get(USER + k) if backend is not None
+                               else engine.call(P.GET, (k,), self))
         if value is None:
             raise KeyError(key)
         return value
@@ -92,7 +94,7 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             raise ReadOnlyError(READONLY_MESSAGE)
         backend = engine.backend
         if backend is not None:
-            backend.put(k, v, self._sync)
+            backend.raw_put(USER + k, v, sync=self._sync)
         else:
             engine.call(P.PUT, (k, v, self._sync), self)
 
