@@ -79,6 +79,10 @@ def acquire(path: str, timeout: float | None) -> Engine:
 
 def release(engine: Engine) -> None:
     """Drop one reference; the last one closes the engine (a leader hands over)."""
+    if _shutting_down:
+        # _shutdown() closed every engine already. Take no lock now: a daemon thread
+        # frozen by interpreter finalization may hold it forever.
+        return
     with _registry:
         engine.refs -= 1
         if engine.refs > 0:
@@ -309,6 +313,8 @@ class Engine:
         The waiter starts only then, so a follower that closes while its leader is
         alive leaves no thread blocked on the LOCK (and its fd can be closed)."""
         _sockets.wait_hangup(conn.sock)
+        if _shutting_down or self.closed:
+            return
         with self._cond:
             if self.closed or self._conn is not conn:
                 return
@@ -420,6 +426,8 @@ class Engine:
 
     # -- closing and forking -----------------------------------------------------------------
     def close(self) -> None:
+        if self.closed:
+            return
         with self._cond:
             if self.closed:
                 return
