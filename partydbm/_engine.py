@@ -426,10 +426,10 @@ class Engine:
 
     # -- closing and forking -----------------------------------------------------------------
     def close(self) -> None:
-        if self.closed:
+        if self.closed:  # without the lock: see release()
             return
         with self._cond:
-            if self.closed:
+            if self._closed_meanwhile():
                 return
             self.closed = True
             try:
@@ -448,6 +448,9 @@ class Engine:
             if self._helper is not None and self._helper.stdin is not None:
                 self._helper.stdin.close()
             self._cond.notify_all()
+
+    def _closed_meanwhile(self) -> bool:
+        return self.closed
 
     def after_fork_in_child(self) -> None:
         self._cond = threading.Condition(threading.RLock())
