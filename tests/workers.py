@@ -44,7 +44,7 @@ def repl() -> None:
     the test opened (in NS) open: interpreter exit, no explicit close."""
     NS.update(partydbm=partydbm, os=os, sys=sys, time=time, threading=threading,
               random=random, wait_file=wait_file, thread_workload=thread_workload,
-              write_range=write_range)
+              write_range=write_range, write_through=write_through)
     while True:
         line = sys.stdin.readline()
         if not line:
@@ -82,10 +82,32 @@ def write_range(handle: Any, fmt: str, n: int, value_fmt: str) -> dict[bytes, by
     return written
 
 
+def write_through(handle: Any, fmt: str, started: str | None, flag: str, extra: int = 100,
+                  timeout: float = DEADLINE) -> dict[bytes, bytes]:
+    """Write fmt % j -> j for j = 0, 1, ...; touch `started` after 20 writes; once `flag`
+    exists, write `extra` more and return everything written."""
+    written: dict[bytes, bytes] = {}
+    j, stop_at = 0, None
+    deadline = time.monotonic() + timeout
+    while stop_at is None or j < stop_at:
+        key, value = (fmt % j).encode(), b"%d" % j
+        handle[key] = value
+        written[key] = value
+        j += 1
+        if j == 20 and started:
+            open(started, "w").close()
+        if stop_at is None and os.path.exists(flag):
+            stop_at = j + extra
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{j} writes and {flag} still missing")
+    return written
+
+
 def thread_workload(handle: Any, seed: int, nthreads: int = 4, nops: int = 300,
-                    nkeys: int = 20) -> dict[str, Any]:
+                    nkeys: int = 20, started: str | None = None) -> dict[str, Any]:
     """`nthreads` threads share one handle; each owns the keys under its prefix and
-    checks every read against its own model. Returns the errors and the merged model."""
+    checks every read against its own model. Thread 0 touches `started` after 50
+    operations. Returns the errors and the merged model."""
     errors: list[str] = []
     models: list[dict[bytes, bytes]] = [{} for _ in range(nthreads)]
     barrier = threading.Barrier(nthreads, timeout=DEADLINE)
@@ -99,6 +121,8 @@ def thread_workload(handle: Any, seed: int, nthreads: int = 4, nops: int = 300,
             barrier.wait()
             for n in range(nops):
                 _thread_step(handle, rng, model, prefix, i, n, nkeys)
+                if started and i == 0 and n == 50:
+                    open(started, "w").close()
         except BaseException:
             errors.append(f"thread {i} op {n} (seed {seed}):\n{traceback.format_exc()}")
 
@@ -189,6 +213,7 @@ def uid_probe(uid: str, path: str, address_hex: str) -> None:
         handle = partydbm.open(path, "w", timeout=2)
     except BaseException as exc:
         out["api"] = f"{type(exc).__name__}: {exc}"
+        out["api_error_is_partydbm_error"] = isinstance(exc, partydbm.error)
     else:
         out["api"] = "opened"
         for name, fn in (("api_put", lambda: handle.__setitem__("secret", "pwned")),
@@ -432,8 +457,8 @@ def fork_leader_returns(path: str) -> None:
     out["forked"] = _recv(mine)
     handle.close()
     mine.send("write")  # no leader now: the child starts its helper
-    time.sleep(0.05)
-    handle = partydbm.open(path)  # ...and the parent is back first
+    time.sleep(0.01)
+    handle = partydbm.open(path)  # ...and the parent is back (usually) first
     out["parent_leads_again"] = handle.is_leader
     out["second"] = _recv(mine)
     time.sleep(1.0)  # the child's helper comes up meanwhile, and follows the parent
