@@ -5,9 +5,10 @@ partydbm's own records under b"m". Users never see b"m" keys: every user-facing 
 is bounded to [b"k", b"l").
 
 Records under b"m":
-  b"ma" + client_id -> msgpack [rid, unix_time, last_result]: the highest write rid of
-      that follower client the database has applied. Written in the same WriteBatch as
-      the write itself, so it survives a leader crash exactly when the write does.
+  b"ma" + client_id -> msgpack [rid, unix_time, recent]: the highest write rid of that
+      follower client the database has applied, and the outcomes of its last few deletes
+      ({rid: existed}, so a replayed delete answers as the original did). Written in the
+      same WriteBatch as the write itself: it survives a crash exactly when the write does.
   b"ms"             -> scratch key written with sync=True by sync().
 """
 
@@ -91,21 +92,21 @@ class Backend:
         return [get(USER + k) for k in keys]
 
     # -- writes from followers: applied atomically with their dedup record ------------
-    def applied(self, client: bytes) -> tuple[int, Any]:
+    def applied(self, client: bytes) -> tuple[int, dict[int, Any]]:
         raw = self._get(APPLIED + client)
         if raw is None:
-            return 0, None
-        rid, _when, result = unpack(raw)
-        return int(rid), result
+            return 0, {}
+        rid, _when, recent = unpack(raw)
+        return int(rid), {r: outcome for r, outcome in recent}
 
     def write(
         self,
         ops: Iterable[tuple[bytes, bytes | None]],
         sync: bool = False,
-        record: tuple[bytes, int, Any] | None = None,
+        record: tuple[bytes, int, dict[int, Any]] | None = None,
     ) -> None:
         """Apply puts (value bytes) and deletes (value None) atomically, with `record`
-        (client, rid, result) marking them applied."""
+        (client, rid, recent outcomes) marking them applied."""
         with self._db.write_batch(transaction=True, sync=sync) as wb:
             for key, value in ops:
                 if value is None:
@@ -113,8 +114,8 @@ class Backend:
                 else:
                     wb.put(USER + key, value)
             if record is not None:
-                client, rid, result = record
-                wb.put(APPLIED + client, pack([rid, time.time(), result]))
+                client, rid, recent = record
+                wb.put(APPLIED + client, pack([rid, time.time(), list(recent.items())]))
 
     def clear_ops(self) -> list[tuple[bytes, bytes | None]]:
         """Deletes for every user key (one atomic batch: a replayed half-clear could

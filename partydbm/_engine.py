@@ -190,7 +190,7 @@ class Engine:
             if _RESEND_DELAY and slots:
                 time.sleep(_RESEND_DELAY)
             peer = Peer(client=self.client)
-            peer.applied, peer.last_result = backend.applied(self.client)
+            peer.applied, peer.recent = backend.applied(self.client)
             dispatcher = Dispatcher(backend)
             for slot in slots:
                 try:
@@ -333,11 +333,14 @@ class Engine:
 
     def _timeout_error(self, deadline: float | None) -> Timeout:
         pid = self._lockfile.holder_pid()
-        holder = f"process {pid}" if pid else "another process"
+        if pid is None:
+            return Timeout(
+                f"no partydbm leader answered for {self.path!r} in time, and no process "
+                "holds LevelDB's LOCK now (the leader changed while we waited: try again)")
         return Timeout(
             f"no partydbm leader answered for {self.path!r} in time: LevelDB's LOCK is "
-            f"held by {holder}, which does not answer on {self.address!r} (a plain LevelDB "
-            "user, a hung leader, or a leader still starting)")
+            f"held by process {pid}, which does not answer on {self.address!r} (a plain "
+            "LevelDB user, a hung leader, or a leader still starting)")
 
     def _ensure_helper(self) -> None:
         """A process forked from a leader can never open LevelDB itself (trap 2): it

@@ -63,6 +63,17 @@ def open(file: Any, flag: str = "c", mode: int = 0o666, *, retry: bool = True,
     path = os.path.realpath(os.fsdecode(shown))
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be None or >= 0")
+    try:
+        return _open(path, shown, kind, sync, mode, retry, timeout)
+    except error:
+        raise
+    except OSError as exc:  # permissions and the like: still a partydbm.error
+        raise error(exc.errno, f"cannot open partydbm database: {exc.strerror or exc}",
+                    shown) from exc
+
+
+def _open(path: str, shown: Any, kind: str, sync: bool, mode: int, retry: bool,
+          timeout: float | None) -> PartyDBM:
     if not _is_db(path):
         if kind in "rw":
             if os.path.exists(path):

@@ -23,6 +23,7 @@ from ._election import remove_stale_socket
 from ._errors import ProtocolError, to_wire
 
 RECV_SIZE = 256 * 1024
+RECENT_OUTCOMES = 64  # delete outcomes kept per follower for replayed deletes
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Peer:
 
     client: bytes | None = None
     applied: int = 0
-    last_result: Any = None
+    recent: dict[int, Any] = field(default_factory=dict)  # rid -> outcome, last deletes
     pid: int = 0
     uid: int = -1
     gid: int = -1
@@ -193,7 +194,7 @@ class Server:
         if not isinstance(client, bytes) or not client:
             raise _ProtocolViolation(rid, "hello without a client id")
         peer.client = client
-        peer.applied, peer.last_result = self.backend.applied(client)
+        peer.applied, peer.recent = self.backend.applied(client)
         return P.pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}])
 
 class Dispatcher:
@@ -237,11 +238,16 @@ class Dispatcher:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _apply(self, peer: Peer, rid: int, ops: list[tuple[bytes, bytes | None]],
-               sync: bool, result: Any) -> Any:
+               sync: bool, result: Any = None) -> Any:
         assert peer.client is not None
         self._seam("before_apply")
-        self.backend.write(ops, bool(sync), (peer.client, rid, result))
-        peer.applied, peer.last_result = rid, result
+        recent = peer.recent
+        if result is not None:
+            recent = {**recent, rid: result}
+            while len(recent) > RECENT_OUTCOMES:
+                del recent[min(recent)]
+        self.backend.write(ops, bool(sync), (peer.client, rid, recent))
+        peer.applied, peer.recent = rid, recent
         self._seam("after_apply")
         return result
 
@@ -253,18 +259,20 @@ class Dispatcher:
     def _put(self, peer: Peer, rid: int, key: bytes, value: bytes, sync: bool) -> None:
         if not self._duplicate(peer, rid):
             _check_bytes(key, value)
-            self._apply(peer, rid, [(key, value)], sync, None)
+            self._apply(peer, rid, [(key, value)], sync)
 
     def _delete(self, peer: Peer, rid: int, key: bytes, sync: bool) -> bool:
         if self._duplicate(peer, rid):
-            return bool(peer.last_result) if rid == peer.applied else True
+            # Answer as the original did. Older than the last RECENT_OUTCOMES deletes
+            # cannot still be in flight in practice; say it existed.
+            return bool(peer.recent.get(rid, True))
         _check_bytes(key)
         existed = self.backend.get(key) is not None
         return bool(self._apply(peer, rid, [(key, None)] if existed else [], sync, existed))
 
     def _clear(self, peer: Peer, rid: int, sync: bool) -> None:
         if not self._duplicate(peer, rid):
-            self._apply(peer, rid, self.backend.clear_ops(), sync, None)
+            self._apply(peer, rid, self.backend.clear_ops(), sync)
 
     def _batch(self, peer: Peer, rid: int, flat: list[Any], sync: bool) -> None:
         if self._duplicate(peer, rid):
@@ -274,7 +282,7 @@ class Dispatcher:
         ops = list(zip(flat[::2], flat[1::2], strict=True))
         for key, value in ops:
             _check_bytes(key) if value is None else _check_bytes(key, value)
-        self._apply(peer, rid, ops, sync, None)
+        self._apply(peer, rid, ops, sync)
 
     def _scan(self, peer: Peer, rid: int, lo: bytes | None, lo_incl: bool,
               hi: bytes | None, hi_incl: bool, reverse: bool, keys_only: bool,

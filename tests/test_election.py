@@ -320,11 +320,6 @@ def test_another_uid_cannot_use_the_database_through_the_socket(
 
 
 @needs_root
-@pytest.mark.xfail(reason=(
-    "BUG: opening a database whose LOCK file the user may not open raises a bare "
-    "PermissionError from partydbm/_election.py LockFile.__init__ (os.open of LOCK), not "
-    "a partydbm.error as CONTRACT.md promises for every error the package raises"),
-    strict=False)
 def test_another_uid_is_refused_with_a_partydbm_error(party: Party) -> None:
     base = _world_traversable_dir()
     try:

@@ -29,13 +29,6 @@ from mp_util import (
 
 pytestmark = pytest.mark.multiprocess
 
-REPLAYED_DELETE_BUG = pytest.mark.xfail(reason=(
-    "BUG: a retried delete whose request id is below the client's last applied id is "
-    "answered True without knowing (partydbm/_server.py Dispatcher._delete: `... if rid == "
-    "peer.applied else True`): a pipelined `del db[missing]` applied by a leader that died "
-    "before answering no longer raises KeyError"), strict=False)
-
-
 @pytest.fixture
 def party() -> Iterator[Party]:
     with Party() as p:
@@ -305,7 +298,6 @@ def test_one_follower_handle_shared_by_four_threads(party: Party, tmp_path: Path
     assert follower.eval("len(db)") == len(expected)
 
 
-@REPLAYED_DELETE_BUG  # rarely hit at random; deterministic: test_pipelined_delete_...
 def test_four_follower_threads_ride_through_a_leader_kill(party: Party, tmp_path: Path) -> None:
     """The leader is SIGKILLed while four threads of a follower have requests in flight:
     the follower takes over and every thread's model still holds (each write applied
@@ -420,7 +412,6 @@ def _stopped(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
-@REPLAYED_DELETE_BUG
 def test_pipelined_delete_of_a_missing_key_still_raises_after_leader_death(
         party: Party, tmp_path: Path) -> None:
     """Two threads of a follower have a delete (of a missing key) and a put in flight; the
