@@ -12,15 +12,24 @@ Systems: plyvel (one process: the floor), party-leader (this side leads), party-
 (autocommit=True), diskcache (Cache), socket-rtt (a bare msgpack round trip over a unix
 socket to a dict in another process: the floor for a follower's synchronous request).
 
+Workloads (WORKLOADS): single (put N keys, random get, ordered iteration, p50/p99
+latency), paired (partydbm and its floor in one process, alternating blocks: the
+leader vs raw plyvel, the follower vs socket-rtt; the <=1.5x ratios use these), mixed4
+(4 processes 90% get / 10% put), w1r3 (1 writer + 3 readers), bulk (load 1,000,000 keys,
+peak RSS; then iterate them from a fresh process: memory must stay flat), failover
+(bench/failover.py). Full mode runs single, paired, mixed4 and w1r3 3 times, systems
+interleaved, and keeps each system's median round (ratios within a round: the median).
+
 Every measurement runs in a fresh worker process (bench/worker.py) on a fresh temporary
 directory; results go to bench/results/latest.json and bench/results/bench.png, and a
 table of per-op costs plus the target ratios (PASS/MISS) is printed. A system that
 cannot run a workload shows n/a with the reason. Slow systems stop at a time budget and
 are marked `*` (partial: the cost is measured over the ops that ran).
 
-Adding a workload (e.g. the failover stall): write `run(ctx, system) -> {row: result}`
-and fill its slot in WORKLOADS (see `failover_stall` below); give it `lines` for the
-table/plot. A result is a dict with `us_per_op` / `ops_per_s` / anything, or `{"na": why}`.
+Adding a workload: write `run(ctx, system) -> {row: result}` and register it in WORKLOADS
+with its `lines` for the table/plot and the systems it cannot run (`failover_stall`, which
+runs bench/failover.py, is the example). A result is a dict with `us_per_op` / `ops_per_s`
+/ anything, or `{"na": why}`; `RATIOS` holds the targets.
 """
 
 from __future__ import annotations
@@ -39,9 +48,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker import mem  # bench/ is sys.path[0] when this file runs as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "worker.py")
@@ -53,10 +65,10 @@ SYSTEMS = ["plyvel", "party-leader", "party-follower", "dbm.dumb", "dbm.sqlite3"
 SHORT = {"party-leader": "party-L", "party-follower": "party-F", "dbm.sqlite3": "sqlite3",
          "socket-rtt": "sock-rtt", "sqlitedict": "sqlitedict", "dbm.dumb": "dumb"}
 MODES = {
-    "quick": dict(n=2_000, bulk_n=100_000, lat_n=1_000, mp_duration=1.0, budget=3.0,
-                  bulk_budget=4.0),
-    "full": dict(n=20_000, bulk_n=1_000_000, lat_n=5_000, mp_duration=5.0, budget=30.0,
-                 bulk_budget=60.0),
+    "quick": dict(n=5_000, bulk_n=100_000, lat_n=2_000, mp_duration=1.0, budget=3.0,
+                  bulk_budget=4.0, failover_rounds=5, rounds=1),
+    "full": dict(n=20_000, bulk_n=1_000_000, lat_n=5_000, mp_duration=3.0, budget=30.0,
+                 bulk_budget=60.0, failover_rounds=20, rounds=3),
 }
 MP_ONLY_ONE = "one process only (LevelDB's LOCK)"
 NOT_MP_SAFE = "not multi-process safe (each process keeps its own index)"
@@ -139,9 +151,21 @@ def run_worker(system: str, task: dict[str, Any], timeout: float) -> dict[str, A
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """One line from a worker's stdout, or "" at the deadline or EOF. Reads the fd a
+    byte at a time: no read-ahead can hide a second line from select()."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline() if ready else ""
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    out = b""
+    while not out.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return ""
+        byte = os.read(fd, 1)
+        if not byte:
+            return ""
+        out += byte
+    return out.decode()
 
 
 @contextlib.contextmanager
@@ -162,7 +186,7 @@ def serving(system: str, path: str) -> Iterator[dict[str, Any]]:
         try:
             if read_line(proc, 30).strip() != "ready":
                 raise Failed("socket-rtt server did not start")
-            yield {"address": address}
+            yield {"address": address, "server_pid": proc.pid}
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -171,15 +195,6 @@ def serving(system: str, path: str) -> Iterator[dict[str, Any]]:
         yield {"role": "leader"}
     else:
         yield {}
-
-
-def proc_mem(pid: int) -> dict[str, float]:
-    out = {}
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                out["hwm_mb" if line[2] == "H" else "rss_mb"] = int(line.split()[1]) / 1024
-    return out
 
 
 # -- workloads ------------------------------------------------------------------------
@@ -200,6 +215,8 @@ class Workload:
     rows: tuple[str, ...]
     lines: tuple[Line, ...]
     na: dict[str, str] = field(default_factory=dict)  # system -> why it cannot run
+    repeat: bool = False  # run `rounds` times, keep the median (cheap workloads only)
+    quiet_na: bool = False  # show the systems in `na` as blank, not as n/a
 
 
 def single(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
@@ -214,6 +231,8 @@ def single(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
 
 
 def multi(kind: str) -> Callable[[Ctx, str], dict[str, dict[str, Any]]]:
+    # The first process opens before the others start: with party-leader it leads (in
+    # w1r3, the writer leads, as a writer daemon started before its readers would).
     roles = ["mixed"] * 4 if kind == "mixed4" else ["writer", "reader", "reader", "reader"]
 
     def run(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
@@ -223,11 +242,14 @@ def multi(kind: str) -> Callable[[Ctx, str], dict[str, dict[str, Any]]]:
                 extra = {}  # whoever opens first leads
             run_worker(system, {"task": "bulk", "path": path, "n": ctx.n, "budget": 1e9,
                                 **extra}, timeout=600)
-            procs = [spawn(system, {"task": "mp", "system": system, "path": path,
-                                    "n": ctx.n, "mp_role": role, "seed": i,
-                                    "duration": ctx.mp_duration, **extra})
-                     for i, role in enumerate(roles)]
+            procs: list[subprocess.Popen[str]] = []
             try:
+                for i, role in enumerate(roles):
+                    procs.append(spawn(system, {
+                        "task": "mp", "system": system, "path": path, "n": ctx.n,
+                        "mp_role": role, "seed": i, "duration": ctx.mp_duration, **extra}))
+                    if i == 0 and read_line(procs[0], 60).strip() != "ready":
+                        raise _fail(procs[0])  # the first opens alone: party-L's leader
                 return {kind: _drive(procs, ctx.mp_duration, kind)}
             finally:
                 for proc in procs:
@@ -252,13 +274,16 @@ def _fail(proc: subprocess.Popen[str]) -> Failed:
 
 
 def _drive(procs: list[subprocess.Popen[str]], duration: float, kind: str) -> dict[str, Any]:
-    for proc in procs:
+    for proc in procs[1:]:
         if read_line(proc, 60).strip() != "ready":
             raise _fail(proc)
     for proc in procs:
         assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        except OSError:
+            raise _fail(proc) from None
     results = []
     for proc in procs:
         line = read_line(proc, duration + 60)
@@ -276,11 +301,16 @@ def _drive(procs: list[subprocess.Popen[str]], duration: float, kind: str) -> di
         out["writer_ops_per_s"] = sum(r["ops_per_s"] for r in results if r["role"] == "writer")
         out["readers_ops_per_s"] = sum(r["ops_per_s"] for r in results
                                        if r["role"] == "reader")
+    out["min_proc_ops_per_s"] = min(r["ops_per_s"] for r in results)
     leaders = [r["role"] for r in results if r["db_role"] == "leader"]
-    if leaders:
+    notes = []
+    if leaders and kind == "w1r3":
         out["leader_role"] = leaders[0]
+        notes.append(f"the {leaders[0]} process led")
     if errors:
-        out["note"] = f"errors: {errors}"
+        notes.append(f"errors: {errors}")
+    if notes:
+        out["note"] = "; ".join(notes)
     return out
 
 
@@ -292,18 +322,50 @@ def bulk(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
                                 "budget": ctx.bulk_budget, **extra},
                        timeout=3 * ctx.bulk_budget + 300)["bulk"]
         if leader:
-            b["leader_mem"] = proc_mem(leader)
-        it = run_worker(system, {"task": "iterbulk", "path": path, "n": b["ops"], **extra},
-                        timeout=600)["iter_bulk"]
+            b["leader_mem"] = mem(leader)
+        its = []
+        for _ in range(ctx.rounds):  # cheap ones again: keep the median
+            its.append(run_worker(system, {"task": "iterbulk", "path": path, "n": b["ops"],
+                                           "budget": ctx.bulk_budget, **extra},
+                                  timeout=3 * ctx.bulk_budget + 300)["iter_bulk"])
+            if its[-1]["seconds"] > 10:
+                break
+        it = median_round(its)
         if leader:
-            it["leader_mem"] = proc_mem(leader)
+            it["leader_mem"] = mem(leader)
     return {"bulk": b, "iter_bulk": it}
 
 
+def paired(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
+    path = ctx.fresh_dir(system)
+    with contextlib.ExitStack() as stack:
+        extra = stack.enter_context(serving(system, path))
+        ref_path = ctx.fresh_dir("floor")
+        if system == "party-follower":
+            extra.update(stack.enter_context(serving("socket-rtt", ref_path)))
+        r = run_worker(system, {"task": "paired", "path": path, "ref_path": ref_path,
+                                "n": ctx.n, **extra}, timeout=6 * ctx.budget + 120)
+    return {"paired": r["paired"]}
+
+
 def failover_stall(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
-    """SLOT (not written yet): the failover stall workload. Kill the leader mid-load and
-    measure how long followers stall; return {"failover": {"us_per_op"/..., ...}}."""
-    raise NotImplementedError
+    """The failover stall (bench/failover.py, run in its own process): from SIGKILL of a
+    leader to the completion of a follower's request blocked on it."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import failover; "
+            "print(json.dumps(failover.measure(int(sys.argv[2]))))")
+    proc = subprocess.Popen([sys.executable, "-c", code, HERE, str(ctx.failover_rounds)],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _procs.append(proc)
+    try:
+        out, err = proc.communicate(timeout=30 + 15 * ctx.failover_rounds)
+    except subprocess.TimeoutExpired:
+        reap(proc)
+        raise Failed("failover measurement timed out") from None
+    finally:
+        reap(proc)
+    if proc.returncode != 0 or not out.strip():
+        raise Failed(_why(proc, err))
+    return {"failover": json.loads(out.strip().splitlines()[-1])}
 
 
 NO_MP = {"plyvel": MP_ONLY_ONE, "dbm.dumb": NOT_MP_SAFE, "socket-rtt": SOCK_ONLY}
@@ -315,39 +377,60 @@ WORKLOADS: dict[str, Workload] = {
         Line("lat_get", "p50_us", "get latency p50", plot=True),
         Line("lat_get", "p99_us", "get latency p99"),
         Line("lat_put", "p50_us", "put latency p50", plot=True),
-        Line("lat_put", "p99_us", "put latency p99"))),
+        Line("lat_put", "p99_us", "put latency p99")), repeat=True),
+    "paired": Workload(paired, ("paired",), (
+        Line("paired", "get.us_per_op", "get, paired with floor (F: 1 CPU)"),
+        Line("paired", "get_floor.us_per_op", "  its floor, same blocks"),
+        Line("paired", "put.us_per_op", "put, paired with floor (F: 1 CPU)"),
+        Line("paired", "put_floor.us_per_op", "  its floor, same blocks"),
+        Line("paired", "split.get.us_per_op", "get, paired, F on 2 CPUs"),
+        Line("paired", "split.get_floor.us_per_op", "  its floor, same blocks")),
+        {s: "paired runs: party-L vs plyvel, party-F vs socket-rtt" for s in SYSTEMS
+         if not s.startswith("party")}, repeat=True, quiet_na=True),
     "mixed4": Workload(multi("mixed4"), ("mixed4",), (
         Line("mixed4", "us_per_op", "4 procs 90/10 get/put (1/agg)", plot=True),
-        Line("mixed4", "ops_per_s", "4 procs 90/10 aggregate ops/s", "rate")), NO_MP),
+        Line("mixed4", "ops_per_s", "4 procs 90/10 aggregate ops/s", "rate"),
+        Line("mixed4", "min_proc_ops_per_s", "4 procs 90/10 slowest proc ops/s", "rate")),
+        NO_MP, repeat=True),
     "w1r3": Workload(multi("w1r3"), ("w1r3",), (
         Line("w1r3", "us_per_op", "1 writer + 3 readers (1/agg)", plot=True),
         Line("w1r3", "ops_per_s", "1w+3r aggregate ops/s", "rate"),
         Line("w1r3", "writer_ops_per_s", "1w+3r writer ops/s", "rate"),
-        Line("w1r3", "readers_ops_per_s", "1w+3r readers ops/s (sum)", "rate")), NO_MP),
+        Line("w1r3", "readers_ops_per_s", "1w+3r readers ops/s (sum)", "rate")), NO_MP,
+        repeat=True),
     "bulk": Workload(bulk, ("bulk", "iter_bulk"), (
         Line("bulk", "us_per_op", "bulk load /key", plot=True),
         Line("iter_bulk", "us_per_op", "iterate bulk keys /key", plot=True),
         Line("bulk", "ops_per_s", "bulk load keys/s", "rate"),
+        Line("bulk", "seconds", "bulk load seconds", "rate"),
         Line("bulk", "mem.hwm_mb", "bulk: loader peak RSS MB", "rate"),
+        Line("bulk", "peak_anon_mb", "bulk: loader peak anon MB", "rate"),
         Line("bulk", "leader_mem.hwm_mb", "bulk: leader peak RSS MB", "rate"),
         Line("iter_bulk", "ops_per_s", "iterate bulk keys/s", "rate"),
+        Line("iter_bulk", "mem.hwm_mb", "iterate bulk: peak RSS MB", "rate"),
         Line("iter_bulk", "hwm_growth_mb", "iterate bulk: peak RSS growth MB", "rate"),
-        Line("iter_bulk", "mem.hwm_mb", "iterate bulk: peak RSS MB", "rate")),
+        Line("iter_bulk", "anon_growth_mb", "iterate bulk: anon growth MB", "rate")),
         {"socket-rtt": SOCK_ONLY}),
-    # Slot for the failover stall workload (someone else fills it in): set run to
-    # failover_stall once written, with its rows, lines and n/a systems.
-    "failover": Workload(None, ("failover",), ()),
+    # The failover stall: only a follower can measure it (bench/failover.py).
+    "failover": Workload(failover_stall, ("failover",), (
+        Line("failover", "median_ms", "failover stall median ms", "rate"),
+        Line("failover", "max_ms", "failover stall max ms", "rate")),
+        {s: "failover is measured from a follower (party-F)" for s in SYSTEMS
+         if s != "party-follower"}),
 }
 
 # (label, row, system, baseline or None, field, op, target); cost ratios compare
 # us_per_op (lower is better), rate ratios ops_per_s.
 RATIOS = [
-    ("partydbm leader get cost / raw plyvel", "get", "party-leader", "plyvel", "us_per_op",
+    # partydbm and its floor in the same process, alternating blocks (the "paired" rows)
+    ("leader get / raw plyvel (paired)", "paired", "party-leader", None, "get_ratio",
      "<=", 1.5),
-    ("partydbm leader put cost / raw plyvel", "put", "party-leader", "plyvel", "us_per_op",
+    ("leader put / raw plyvel (paired)", "paired", "party-leader", None, "put_ratio",
      "<=", 1.5),
-    ("follower get cost / bare socket round trip", "get", "party-follower", "socket-rtt",
-     "us_per_op", "<=", 1.5),
+    ("follower get / bare socket, paired, one CPU", "paired", "party-follower", None,
+     "get_ratio", "<=", 1.5),
+    ("follower get / bare socket, paired, two CPUs", "paired", "party-follower", None,
+     "split.get_ratio", "<=", 1.5),
     ("follower iteration rate / leader-local (bulk keys)", "iter_bulk", "party-follower",
      "party-leader", "ops_per_s", ">=", 0.40),
     ("follower bulk write keys/s (update())", "bulk", "party-follower", None, "ops_per_s",
@@ -358,6 +441,23 @@ RATIOS = [
      "ops_per_s", ">=", 5.0),
     ("leader put rate / diskcache put rate", "put", "party-leader", "diskcache", "ops_per_s",
      ">=", 5.0),
+    ("failover stall median ms (bench/failover.py)", "failover", "party-follower", None,
+     "median_ms", "<=", 20),
+    # information only (no target)
+    ("follower put / bare socket, paired, one CPU", "paired", "party-follower", None,
+     "put_ratio", "", None),
+    ("follower put / bare socket, paired, two CPUs", "paired", "party-follower", None,
+     "split.put_ratio", "", None),
+    ("leader get / raw plyvel (separate sessions)", "get", "party-leader", "plyvel",
+     "us_per_op", "", None),
+    ("leader put / raw plyvel (separate sessions)", "put", "party-leader", "plyvel",
+     "us_per_op", "", None),
+    ("follower get / socket-rtt (separate sessions)", "get", "party-follower", "socket-rtt",
+     "us_per_op", "", None),
+    ("4-proc mixed ops/s, all followers / diskcache", "mixed4", "party-follower", "diskcache",
+     "ops_per_s", "", None),
+    ("4-proc mixed ops/s, all followers / dbm.sqlite3", "mixed4", "party-follower",
+     "dbm.sqlite3", "ops_per_s", "", None),
 ]
 
 
@@ -377,30 +477,68 @@ def unavailable(system: str) -> str | None:
 
 # -- the run --------------------------------------------------------------------------
 def run_all(ctx: Ctx, systems: list[str], workloads: list[str]) -> dict[str, Any]:
+    """Every workload on every system. A `repeat` workload runs `rounds` times, systems
+    interleaved, and keeps each system's median round: the machine's load drifts."""
     results: dict[str, dict[str, Any]] = {}
     missing = {s: unavailable(s) for s in systems}
     for wname in workloads:
         w = WORKLOADS[wname]
         if w.run is None:
             continue
-        for system in systems:
-            why = missing[system] or w.na.get(system)
-            t0 = time.monotonic()
-            if why:
-                got = {row: {"na": why} for row in w.rows}
-            else:
-                try:
-                    got = w.run(ctx, system)
-                except Failed as exc:
-                    got = {row: {"na": str(exc)} for row in w.rows}
-                finally:
-                    for entry in os.listdir(ctx.tmp):
-                        shutil.rmtree(os.path.join(ctx.tmp, entry), ignore_errors=True)
-            for row, res in got.items():
-                results.setdefault(row, {})[system] = res
-            print(f"  {wname:<8} {system:<15} {time.monotonic() - t0:6.1f}s"
-                  f"{'  n/a: ' + why if why else ''}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict[str, dict[str, Any]]]] = {s: [] for s in systems}
+        rounds = ctx.rounds if w.repeat else 1
+        for r in range(rounds):
+            for system in systems:
+                why = missing[system] or w.na.get(system)
+                t0 = time.monotonic()
+                if why:
+                    quiet = w.quiet_na and not missing[system]
+                    got = {row: {"na": why, "quiet": quiet} for row in w.rows}
+                else:
+                    try:
+                        got = w.run(ctx, system)
+                    except Failed as exc:
+                        got = {row: {"na": str(exc)} for row in w.rows}
+                    except Exception as exc:  # a bench bug: say so, go on with the rest
+                        traceback.print_exc()
+                        got = {row: {"na": f"bench error: {exc!r}"} for row in w.rows}
+                    finally:
+                        for entry in os.listdir(ctx.tmp):
+                            shutil.rmtree(os.path.join(ctx.tmp, entry), ignore_errors=True)
+                runs[system].append(got)
+                if why and r:
+                    continue
+                tag = f" {r + 1}/{rounds}" if rounds > 1 else ""
+                print(f"  {wname + tag:<12} {system:<15} {time.monotonic() - t0:6.1f}s"
+                      f"{'  n/a: ' + why if why else ''}", file=sys.stderr, flush=True)
+        for system, gots in runs.items():
+            for row in w.rows:
+                results.setdefault(row, {})[system] = median_round([g[row] for g in gots])
     return results
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median cost (failed rounds dropped), with every round's cost."""
+    ok = sorted((r for r in rounds if "na" not in r), key=lambda r: r.get("us_per_op") or 0)
+    if not ok:
+        return rounds[0]
+    if len(rounds) == 1:
+        return ok[0]
+    pick = dict(ok[(len(ok) - 1) // 2])
+    pick["rounds_us_per_op"] = [r.get("us_per_op") for r in ok]
+    # ratios measured inside one round (paired): the median over the rounds
+    for name in [None, *(k for k, v in pick.items() if isinstance(v, dict))]:
+        if name is not None:
+            pick[name] = dict(pick[name])
+        at = pick if name is None else pick[name]
+        for key in [k for k in at if k.endswith("_ratio")]:
+            got = sorted(x for x in (value(r, key if name is None else f"{name}.{key}")
+                                     for r in ok) if x is not None)
+            at["rounds_" + key] = got
+            at[key] = got[(len(got) - 1) // 2]
+    if len(ok) < len(rounds):
+        pick["note"] = f"{len(rounds) - len(ok)} of {len(rounds)} rounds failed"
+    return pick
 
 
 def value(res: dict[str, Any] | None, path: str) -> float | None:
@@ -423,8 +561,11 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             entry["verdict"] = "n/a"
         else:
             entry["value"] = got / ref
-            passed = entry["value"] <= target if op == "<=" else entry["value"] >= target
-            entry["verdict"] = "PASS" if passed else "MISS"
+            if target is None:
+                entry["verdict"] = "info"
+            else:
+                ok = entry["value"] <= target if op == "<=" else entry["value"] >= target
+                entry["verdict"] = "PASS" if ok else "MISS"
         out.append(entry)
     return out
 
@@ -437,10 +578,11 @@ def fmt(x: float) -> str:
     return f"{x:.3g}" if x >= 1 else f"{x:.2f}"
 
 
-def table(results: dict[str, Any], systems: list[str], kind: str, width: int = 10) -> str:
+def table(results: dict[str, Any], systems: list[str], kind: str, width: int = 11) -> str:
     lines = [ln for w in WORKLOADS.values() for ln in w.lines if ln.table == kind]
     head = f"{'':<34}" + "".join(f"{SHORT.get(s, s):>{width}}" for s in systems)
     rows, notes = [head], []
+    remarks: list[tuple[str, str, str]] = []
     for ln in lines:
         if ln.row not in results:
             continue
@@ -448,7 +590,9 @@ def table(results: dict[str, Any], systems: list[str], kind: str, width: int = 1
         for s in systems:
             res = results[ln.row].get(s, {})
             v = value(res, ln.field)
-            if "na" in res:
+            if res.get("quiet"):
+                cells.append("")
+            elif "na" in res:
                 cells.append("n/a")
                 note = f"{SHORT.get(s, s)}: {res['na']}"
                 if note not in notes:
@@ -457,10 +601,20 @@ def table(results: dict[str, Any], systems: list[str], kind: str, width: int = 1
                 cells.append("-")
             else:
                 cells.append(fmt(v) + ("*" if res.get("partial") else ""))
+                remark = res.get("note", "")
+                if res.get("ordered") is False:
+                    remark = "not in key order"
+                if remark and (ln.row, s, remark) not in remarks:
+                    remarks.append((ln.row, s, remark))
         rows.append(f"{ln.label:<34}" + "".join(f"{c:>{width}}" for c in cells))
+    if kind == "rate":
+        rows += ["", "RSS counts mmapped LevelDB tables (page cache); anon = heap, sampled"]
     if kind == "cost":
         rows += ["", "* partial: stopped at the time budget; cost measured over the ops run"]
         rows += [f"n/a  {n}" for n in notes]
+        for row in dict.fromkeys(r[0] for r in remarks):
+            rows.append(f"note {row}: " + "; ".join(
+                f"{SHORT.get(s, s)} {text}" for r, s, text in remarks if r == row))
     return "\n".join(rows)
 
 
@@ -477,19 +631,25 @@ def plot(results: dict[str, Any], systems: list[str], meta: dict[str, Any], out:
     fig, ax = plt.subplots(figsize=(15, 6.5))
     width = 0.8 / len(systems)
     for i, s in enumerate(systems):
-        xs, ys = [], []
+        xs, ys, hatch = [], [], []
         for j, ln in enumerate(lines):
-            v = value(results[ln.row].get(s), ln.field)
+            res = results[ln.row].get(s) or {}
+            v = value(res, ln.field)
             if v:
                 xs.append(j + (i - (len(systems) - 1) / 2) * width)
                 ys.append(v)
-        ax.bar(xs, ys, width, label=s)
+                hatch.append("//" if res.get("partial") else "")
+        bars = ax.bar(xs, ys, width, label=s, color=f"C{i}")
+        for bar, h in zip(bars, hatch, strict=True):
+            bar.set_hatch(h)
     ax.set_yscale("log")
     ax.set_xticks(range(len(lines)))
     ax.set_xticklabels([ln.label for ln in lines], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("µs per op (log; lower is better)")
     ax.grid(axis="y", which="both", alpha=0.3)
-    ax.legend(ncol=4, fontsize=8)
+    ax.legend(ncol=len(systems), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    ax.text(1.0, 1.01, "hatched: partial (time budget)", transform=ax.transAxes, ha="right",
+            fontsize=7)
     ax.set_title(f"partydbm bench ({meta['mode']}, N={meta['n']:,}, bulk {meta['bulk_n']:,}): "
                  f"{meta['machine']}, {meta['cpus']} CPUs, {meta['date']}")
     fig.tight_layout()
@@ -533,14 +693,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta['seconds']}s\n")
     print("per-op cost, µs (lower is better)")
     print(table(results, systems, "cost"))
-    print("\nrates and memory")
-    print(table(results, systems, "rate"))
+    rates = table(results, systems, "rate")
+    if any(ln.row in results for w in WORKLOADS.values() for ln in w.lines
+           if ln.table == "rate"):
+        print("\nrates and memory")
+        print(rates)
     print("\ntarget ratios (one run)")
     for r in rat:
         shown = "n/a" if "value" not in r else (
-            f"{r['value']:,.0f}" if r["target"] >= 1000 else f"{r['value']:.2f}x")
-        print(f"  {r['verdict']:<4}  {r['label']:<52} {shown:>10}  (target {r['op']} "
-              f"{r['target']:,})")
+            f"{r['value']:.2f}x" if r["baseline"] or r["field"].endswith("_ratio")
+            else f"{r['value']:,.{r['value'] < 100:d}f}")
+        goal = f"(target {r['op']} {r['target']:,})" if r["target"] is not None else ""
+        print(f"  {r['verdict']:<4}  {r['label']:<52} {shown:>10}  {goal}")
     os.makedirs(args.out, exist_ok=True)
     dest = os.path.join(args.out, "latest.json")
     with open(dest + ".tmp", "w") as f:

@@ -30,20 +30,45 @@ STEP = 512  # ops between budget checks
 PERMUTE = 7919  # prime: i -> i * PERMUTE % n visits 0..n-1 once when n % 7919 != 0
 
 
+FIELDS = {"VmHWM:": "hwm_mb", "VmRSS:": "rss_mb", "RssAnon:": "anon_mb", "RssFile:": "file_mb"}
+
+
 def mem(pid: int | str = "self") -> dict[str, float]:
-    """Peak (VmHWM) and current (VmRSS) resident memory of a process, in MB."""
+    """Memory of a process in MB: peak resident (VmHWM), resident now (VmRSS), and of
+    that, anonymous (heap: what a process really holds) and file-backed (mmapped files,
+    e.g. LevelDB's tables: page cache the kernel can drop)."""
     out: dict[str, float] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(("VmHWM:", "VmRSS:")):
-                    out["hwm_mb" if line[2] == "H" else "rss_mb"] = int(line.split()[1]) / 1024
+                name = FIELDS.get(line.split(maxsplit=1)[0])
+                if name:
+                    out[name] = int(line.split()[1]) / 1024
     except OSError:
         if pid == "self":
             import resource
 
             out["hwm_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+class Peak:
+    """Samples the anonymous RSS now and then (the kernel keeps no peak of it)."""
+
+    def __init__(self) -> None:
+        self.start = mem()
+        self.anon_mb = self.start.get("anon_mb", 0.0)
+
+    def sample(self) -> None:
+        self.anon_mb = max(self.anon_mb, mem().get("anon_mb", 0.0))
+
+    def report(self, res: dict[str, Any]) -> dict[str, Any]:
+        end = mem()
+        self.anon_mb = max(self.anon_mb, end.get("anon_mb", 0.0))
+        res.update(mem_before=self.start, mem=end, peak_anon_mb=self.anon_mb,
+                   anon_growth_mb=self.anon_mb - self.start.get("anon_mb", 0.0),
+                   hwm_growth_mb=end.get("hwm_mb", 0.0) - self.start.get("hwm_mb", 0.0))
+        return res
 
 
 # -- systems ----------------------------------------------------------------------------
@@ -306,45 +331,45 @@ def session(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def bulk_pairs(n: int, budget: float, state: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
+def bulk_pairs(n: int, budget: float, state: dict[str, Any],
+               peak: Peak) -> Iterator[tuple[bytes, bytes]]:
     """n keys in a scattered order, random values made on the fly (memory stays flat);
     stops early when the budget runs out."""
     randbytes = random.Random(2).randbytes
     end = time.perf_counter() + budget
     for i in range(n):
-        if not i & 4095 and i and time.perf_counter() > end:
-            return
+        if not i & 16383 and i:
+            peak.sample()
+            if time.perf_counter() > end:
+                return
         state["n"] = i + 1
         yield KEY % (i * PERMUTE % n), randbytes(VALUE_SIZE)
 
 
 def bulk(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     n = task["n"]
-    before = mem()
+    peak = Peak()
     state = {"n": 0}
     t0 = time.perf_counter()
-    s.bulk(bulk_pairs(n, task["budget"], state))
+    s.bulk(bulk_pairs(n, task["budget"], state, peak))
     s.flush()
     t = time.perf_counter() - t0
-    res = _rate(state["n"], t, n, note=s.note)
-    res["mem_before"], res["mem"] = before, mem()
-    return {"bulk": res}
+    return {"bulk": peak.report(_rate(state["n"], t, n, note=s.note))}
 
 
 def iterbulk(s: Store, task: dict[str, Any]) -> dict[str, Any]:
-    before = mem()
-    peak_rss = before.get("rss_mb", 0.0)
+    peak = Peak()
     t0 = time.perf_counter()
+    end = t0 + task["budget"]
     count = 0
     for _ in s.scan():
         count += 1
         if not count & 16383:
-            peak_rss = max(peak_rss, mem().get("rss_mb", 0.0))
+            peak.sample()
+            if time.perf_counter() > end:
+                break
     t = time.perf_counter() - t0
-    after = mem()
-    res = _rate(count, t, task["n"], mem_before=before, mem=after, peak_rss_mb=peak_rss)
-    res["hwm_growth_mb"] = after.get("hwm_mb", 0.0) - before.get("hwm_mb", 0.0)
-    return {"iter_bulk": res}
+    return {"iter_bulk": peak.report(_rate(count, t, task["n"]))}
 
 
 def _stdin_line(timeout: float) -> str:
@@ -388,7 +413,81 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
             "errors": errors, "role": role, "db_role": s.role}
 
 
-TASKS = {"session": session, "bulk": bulk, "iterbulk": iterbulk, "mp": mp}
+def paired(s: Store, task: dict[str, Any]) -> dict[str, Any]:
+    """partydbm and its floor in one process, in alternating blocks of the same keys, so
+    both see the same machine load: the leader against raw plyvel, the follower against
+    the bare socket round trip. Per op: the sum of block times over the ops.
+
+    A round trip costs very different amounts depending on whether the two processes
+    share a CPU (a direct hand-over: the software cost) or not (a cross-CPU wake-up,
+    which on a VM dominates), and the scheduler picks either at random. So a follower is
+    measured pinned both ways: "same" (every process on one CPU) and "split"."""
+    ref = open_store("plyvel" if s.role == "leader" else "socket-rtt", task["ref_path"], task)
+    mine = os.sched_getaffinity(0)
+    servers = [task[k] for k in ("leader_pid", "server_pid") if task.get(k)]
+    placements: dict[str, tuple[set[int], set[int]] | None] = {"free": None}
+    cpus = sorted(mine)
+    if s.role == "follower" and len(cpus) >= 2:
+        placements = {"same": ({cpus[0]}, {cpus[0]}), "split": ({cpus[0]}, {cpus[1]})}
+    res: dict[str, Any] = {}
+    try:
+        for name, pins in placements.items():
+            if pins is not None:
+                _pin([os.getpid()], pins[0])
+                _pin(servers, pins[1])
+            res[name] = _alternate(s, ref, task["n"])
+        res.update(res["same" if "same" in res else "free"])
+        res["us_per_op"] = res["get"]["us_per_op"]  # what picks the median round
+        return {"paired": res}
+    finally:
+        _pin([os.getpid(), *servers], mine)
+        ref.close()
+
+
+def _pin(pids: list[int], cpus: set[int]) -> None:
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
+
+
+def _alternate(s: Store, ref: Store, n: int) -> dict[str, Any]:
+    block = PAIR_BLOCK
+    rnd = random.Random(3)
+    order = list(range(n))
+    rnd.shuffle(order)
+    keys = [KEY % i for i in order]
+    values = [rnd.randbytes(VALUE_SIZE) for _ in range(n)]
+    res: dict[str, Any] = {}
+    for op in ("put", "get"):
+        if op == "get":
+            rnd.shuffle(keys)
+        fns = {"party": s.put if op == "put" else s.get,
+               "floor": ref.put if op == "put" else ref.get}
+        spent = {"party": 0.0, "floor": 0.0}
+        for j in range(0, n, block):
+            args = (list(zip(keys[j:j + block], values[j:j + block], strict=True))
+                    if op == "put" else [(k,) for k in keys[j:j + block]])
+            for who in (("party", "floor") if j // block % 2 else ("floor", "party")):
+                fn = fns[who]
+                t0 = time.perf_counter()
+                for a in args:
+                    fn(*a)
+                spent[who] += time.perf_counter() - t0
+        res[op] = _rate(n, spent["party"], n)
+        res[op + "_floor"] = _rate(n, spent["floor"], n)
+        res[op + "_ratio"] = spent["party"] / spent["floor"]
+    return res
+
+
+PAIR_BLOCK = 500
+TASKS = {"session": session, "bulk": bulk, "iterbulk": iterbulk, "mp": mp, "paired": paired}
 
 
 def main() -> int:
