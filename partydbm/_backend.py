@@ -107,15 +107,18 @@ class Backend:
     ) -> None:
         """Apply puts (value bytes) and deletes (value None) atomically, with `record`
         (client, rid, recent outcomes) marking them applied."""
-        with self._db.write_batch(transaction=True, sync=sync) as wb:
-            for key, value in ops:
-                if value is None:
-                    wb.delete(USER + key)
-                else:
-                    wb.put(USER + key, value)
-            if record is not None:
-                client, rid, recent = record
-                wb.put(APPLIED + client, pack([rid, time.time(), list(recent.items())]))
+        # Filled first, written last: if filling raises, nothing is written (cheaper than
+        # plyvel's transaction mode).
+        wb = self._db.write_batch(sync=sync)
+        for key, value in ops:
+            if value is None:
+                wb.delete(USER + key)
+            else:
+                wb.put(USER + key, value)
+        if record is not None:
+            client, rid, recent = record
+            wb.put(APPLIED + client, pack([rid, time.time(), list(recent.items())]))
+        wb.write()
 
     def clear_ops(self) -> list[tuple[bytes, bytes | None]]:
         """Deletes for every user key (one atomic batch: a replayed half-clear could

@@ -15,7 +15,7 @@ the connection is closed: no peer ever waits on a message that was dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -69,8 +69,9 @@ class Decoder:
         except msgpack.BufferFull as exc:
             raise DecodeError("message larger than the protocol allows") from exc
 
-    def __iter__(self) -> Iterator[Any]:
+    def messages(self) -> list[Any]:
+        """Every complete message fed so far (a partial one stays buffered)."""
         try:
-            yield from self._unpacker
+            return list(self._unpacker)
         except (msgpack.UnpackException, ValueError, TypeError) as exc:
             raise DecodeError(f"undecodable frame: {exc}") from exc

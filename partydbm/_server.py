@@ -22,7 +22,7 @@ from ._backend import Backend
 from ._election import remove_stale_socket
 from ._errors import ProtocolError, to_wire
 
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024  # larger reads made glibc mmap/munmap per recv
 RECENT_OUTCOMES = 64  # delete outcomes kept per follower for replayed deletes
 
 
@@ -134,7 +134,7 @@ class Server:
                 if not data:
                     return
                 decoder.feed(data)
-                replies = [self._handle(peer, msg, pack) for msg in decoder]
+                replies = [self._handle(peer, msg, pack) for msg in decoder.messages()]
                 if replies:
                     sock.sendall(b"".join(replies))
         except P.DecodeError as exc:

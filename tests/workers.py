@@ -238,7 +238,7 @@ def uid_probe(uid: str, path: str, address_hex: str) -> None:
             if not data:
                 break
             decoder.feed(data)
-            replies.extend(decoder)
+            replies.extend(decoder.messages())
     except BaseException as exc:
         replies.append(f"{type(exc).__name__}: {exc}")
     report(out)
