@@ -141,23 +141,34 @@ class Connection:
             conn = slot.conn
             if conn is None or conn.dead is not None:
                 return
+            if conn._read_for(slot, deadline):
+                continue
+            # Another thread is reading. Sleep on an Event (made only now: most requests
+            # never need one), but first look again: the reader may have left between
+            # our try and the Event's existence, nudging nobody.
             event = slot.event
             if event is None:
                 event = slot.event = threading.Event()
             event.clear()
-            if _done(slot):  # answered between the loop test and clear()
+            if _done(slot):
                 return
-            if conn.recv_lock.acquire(blocking=False):
-                try:
-                    conn._read_until(slot, deadline)
-                finally:
-                    conn.recv_lock.release()
-                    conn._wake_waiters()
-            else:
+            if not conn._read_for(slot, deadline):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 expired = remaining is not None and remaining <= 0
                 if (expired or not event.wait(remaining)) and not slot.done:
                     self._expire(conn, slot)
+
+    def _read_for(self, slot: Slot, deadline: float | None) -> bool:
+        """Take the reader role if free and read until `slot` is answered (or the
+        connection dies). False if another thread is the reader."""
+        if not self.recv_lock.acquire(blocking=False):
+            return False
+        try:
+            self._read_until(slot, deadline)
+        finally:
+            self.recv_lock.release()
+            self._wake_waiters()
+        return True
 
     def _expire(self, conn: Connection, slot: Slot) -> None:
         with conn.send_lock:

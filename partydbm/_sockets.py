@@ -53,7 +53,13 @@ def connect(address: str | bytes, timeout: float | None) -> socket.socket:
 def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
     """sendall() that raises TimeoutError at `deadline` (then part of `data` may have
     been sent: the caller must drop the connection)."""
-    view = memoryview(data)
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     while view:
         try:
             view = view[sock.send(view):]
