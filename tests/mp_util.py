@@ -320,3 +320,10 @@ def clean_exit_stderr(text: str) -> list[str]:
     """The lines of a worker's stderr that show something went wrong at exit."""
     bad = ("Traceback", "Exception ignored", "Error", "Fatal Python error")
     return [line for line in text.splitlines() if any(b in line for b in bad)]
+
+
+def leaders_of(workers: list[Worker]) -> list[Worker]:
+    """The workers whose handle says it leads (asked of all of them at once)."""
+    for w in workers:
+        w.submit("eval", "db.is_leader")
+    return [w for w, lead in zip(workers, all_replies(workers), strict=True) if lead]

@@ -21,9 +21,9 @@ from mp_util import (
     Party,
     RemoteError,
     Witness,
-    Worker,
     all_replies,
     decode,
+    leaders_of,
 )
 
 pytestmark = pytest.mark.multiprocess
@@ -43,12 +43,6 @@ def _create(party: Party, path: Path, **kwargs: object) -> None:
     w.open(path, **kwargs)  # type: ignore[arg-type]
     w.exec("db.close()")
     assert w.finish() == 0, w.stderr()
-
-
-def _leader_of(workers: list[Worker]) -> list[Worker]:
-    for w in workers:
-        w.submit("eval", "db.is_leader")
-    return [w for w, lead in zip(workers, all_replies(workers), strict=True) if lead]
 
 
 # -- handover on close ---------------------------------------------------------------------
@@ -77,7 +71,7 @@ def test_leader_closing_its_last_handle_hands_over(party: Party, tmp_path: Path)
     model = {b"a": b"1", b"b": b"2", b"c": b"1"}
     assert b.eval("dict(db.items())") == model
     assert c.eval("dict(db.items())") == model
-    assert len(_leader_of([b, c])) == 1
+    assert len(leaders_of([b, c])) == 1
     assert old.replaced(), "the new leader serves a socket of its own"
     # The old leader's process lives on and can join again, as a follower.
     assert a.open(path) == "follower"
@@ -223,7 +217,7 @@ def test_exactly_one_of_four_processes_leads(party: Party, tmp_path: Path) -> No
     assert sum(all_replies(workers)) == 1
     model: dict[bytes, bytes] = {}
     for round_ in range(2):  # kill the leader twice: 4, then 3, then 2 processes
-        leaders = _leader_of(workers)
+        leaders = leaders_of(workers)
         assert len(leaders) == 1, f"round {round_}: {leaders}"
         leaders[0].kill()
         workers.remove(leaders[0])
@@ -231,7 +225,7 @@ def test_exactly_one_of_four_processes_leads(party: Party, tmp_path: Path) -> No
             w.submit("exec", f"db[b'r{round_}-{i}'] = b'x'")
             model[b"r%d-%d" % (round_, i)] = b"x"
         all_replies(workers)
-        assert len(_leader_of(workers)) == 1, f"after round {round_}"
+        assert len(leaders_of(workers)) == 1, f"after round {round_}"
         for w in workers:
             assert w.eval("dict(db.items())") == model
 

@@ -209,6 +209,22 @@ def test_handle_is_a_MutableMapping(open_db) -> None:
     assert isinstance(open_db(), collections.abc.MutableMapping)
 
 
+def _write_or_delete(db: partydbm.PartyDBM, model: dict[bytes, bytes], k: bytes,
+                     rnd: random.Random, write: bool) -> None:
+    """One random step against the model: store a random value, or delete (KeyError
+    exactly when the model lacks the key)."""
+    if write:
+        v = rnd.randbytes(rnd.randrange(0, 10))
+        db[k] = v
+        model[k] = v
+    elif k in model:
+        del db[k]
+        del model[k]
+    else:
+        with pytest.raises(KeyError):
+            del db[k]
+
+
 def test_getitem_setitem_delitem_contains_against_a_model(open_db) -> None:
     db = open_db()
     rnd = random.Random(2)
@@ -216,17 +232,8 @@ def test_getitem_setitem_delitem_contains_against_a_model(open_db) -> None:
     for _ in range(400):
         k = rnd.choice(ODD_KEYS + [b"x%d" % i for i in range(10)])
         op = rnd.random()
-        if op < 0.5:
-            v = rnd.randbytes(rnd.randrange(0, 8))
-            db[k] = v
-            model[k] = v
-        elif op < 0.75:
-            if k in model:
-                del db[k]
-                del model[k]
-            else:
-                with pytest.raises(KeyError):
-                    del db[k]
+        if op < 0.75:
+            _write_or_delete(db, model, k, rnd, op < 0.5)
         elif k in model:
             assert db[k] == model[k]
         else:
@@ -811,17 +818,8 @@ def _thread_ops(db: partydbm.PartyDBM, i: int, n_ops: int,
     for _ in range(n_ops):
         k = prefix + bytes([rnd.randrange(40)])
         op = rnd.random()
-        if op < 0.45:
-            v = rnd.randbytes(rnd.randrange(0, 10))
-            db[k] = v
-            model[k] = v
-        elif op < 0.65:
-            if k in model:
-                del db[k]
-                del model[k]
-            else:
-                with pytest.raises(KeyError):
-                    del db[k]
+        if op < 0.65:
+            _write_or_delete(db, model, k, rnd, op < 0.45)
         elif op < 0.9:
             assert db.get(k) == model.get(k)
         else:

@@ -24,6 +24,7 @@ from mp_util import (
     all_replies,
     clean_exit_stderr,
     dump,
+    leaders_of,
     wait_for,
 )
 
@@ -41,12 +42,6 @@ def _start_together(workers: list[Worker], codes: list[str], go: Path) -> None:
     for w, code in zip(workers, codes, strict=True):
         w.submit("exec", f"wait_file({str(go)!r})\n{code}")
     go.touch()
-
-
-def _leader_of(workers: list[Worker]) -> list[Worker]:
-    for w in workers:
-        w.submit("eval", "db.is_leader")
-    return [w for w, lead in zip(workers, all_replies(workers), strict=True) if lead]
 
 
 # -- concurrent writers --------------------------------------------------------------------
@@ -344,7 +339,7 @@ def test_writers_carry_on_through_a_leader_kill(party: Party, tmp_path: Path) ->
     for written in all_replies([b, c], timeout=60):
         model.update(written)
     final = dump_via(b)
-    assert len(_leader_of([b, c])) == 1
+    assert len(leaders_of([b, c])) == 1
     theirs = {k: v for k, v in final.items() if not k.startswith(b"a-")}
     assert theirs == model
     mine = sorted(k for k in final if k.startswith(b"a-"))
@@ -378,7 +373,7 @@ def test_writers_carry_on_while_the_leader_hands_over(
     model = {b"a": b"1"}
     for written in all_replies([b, c], timeout=60):
         model.update(written)
-    assert len(_leader_of([b, c])) == 1
+    assert len(leaders_of([b, c])) == 1
     assert dump_via(b) == model
     assert dump_via(c) == model
 
