@@ -227,6 +227,7 @@ def single(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
                        timeout=6 * ctx.budget + 120)
     out = {k: r[k] for k in ("put", "get", "lat_get", "lat_put")}
     out["iter"] = r.get("iter") or {"na": SOCK_ONLY}
+    out["get_many"] = r.get("get_many") or {"na": "no batched get", "quiet": True}
     return out
 
 
@@ -370,9 +371,10 @@ def failover_stall(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
 
 NO_MP = {"plyvel": MP_ONLY_ONE, "dbm.dumb": NOT_MP_SAFE, "socket-rtt": SOCK_ONLY}
 WORKLOADS: dict[str, Workload] = {
-    "single": Workload(single, ("put", "get", "iter", "lat_get", "lat_put"), (
+    "single": Workload(single, ("put", "get", "get_many", "iter", "lat_get", "lat_put"), (
         Line("put", "us_per_op", "put", plot=True),
         Line("get", "us_per_op", "random get", plot=True),
+        Line("get_many", "us_per_op", "random get, get_many() of 100 /key"),
         Line("iter", "us_per_op", "ordered iteration /key", plot=True),
         Line("lat_get", "p50_us", "get latency p50", plot=True),
         Line("lat_get", "p99_us", "get latency p99"),

@@ -25,6 +25,7 @@ from typing import Any
 
 KEY = b"%016d"  # 16-byte keys
 VALUE_SIZE = 100
+GET_MANY_KEYS = 100  # keys per get_many() call in the single session
 CHUNK = 4096  # items per batch for systems that batch (partydbm's update() uses the same)
 STEP = 512  # ops between budget checks
 PERMUTE = 7919  # prime: i -> i * PERMUTE % n visits 0..n-1 once when n % 7919 != 0
@@ -81,8 +82,10 @@ class Store:
                  bulk: Callable[[Iterable[tuple[bytes, bytes]]], Any] | None = None,
                  close: Callable[[], Any] | None = None, flush: Callable[[], Any] | None = None,
                  checkpoint: Callable[[], Any] | None = None, ordered: bool = True,
-                 role: str = "", note: str = "") -> None:
+                 role: str = "", note: str = "",
+                 get_many: Callable[[list[bytes]], list[Any]] | None = None) -> None:
         self.get, self.put = get, put
+        self.get_many = get_many
         self.scan = keys or _no_keys
         self.bulk = bulk or (lambda pairs: _put_each(put, pairs))
         self.close = close or (lambda: None)
@@ -133,7 +136,7 @@ def open_store(system: str, path: str, task: dict[str, Any]) -> Store:
             pdb.close()
             raise RuntimeError(f"expected to be the {task['role']}, opened as the {role}")
         return Store(pdb.__getitem__, pdb.__setitem__, pdb.__iter__, pdb.update, pdb.close,
-                     role=role, note="update()")
+                     role=role, note="update()", get_many=pdb.get_many)
     if system == "dbm.dumb":
         import dbm.dumb
 
@@ -312,6 +315,12 @@ def session(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     bad = [k for k in gets[:100] if s.get(k) != stored[k]]
     if bad:
         raise RuntimeError(f"get returned a wrong value for {bad[0]!r}")
+    if s.get_many is not None:  # the same random gets, GET_MANY_KEYS per call
+        calls = [(gets[i:i + GET_MANY_KEYS],) for i in range(0, len(gets), GET_MANY_KEYS)]
+        ncalls, t = _loop(s.get_many, calls, budget, None)
+        res["get_many"] = _rate(min(ncalls * GET_MANY_KEYS, len(gets)), t, len(gets))
+        if s.get_many(gets[:100]) != [stored[k] for k in gets[:100]]:
+            raise RuntimeError("get_many returned wrong values")
     if task["system"] != "socket-rtt":
         t0 = time.perf_counter()
         end, count = t0 + budget, 0

@@ -88,8 +88,13 @@ class Backend:
         return True
 
     def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
-        get = self._get
-        return [get(USER + k) for k in keys]
+        """Values of many user keys, all read from one snapshot."""
+        snap = self._db.snapshot()
+        try:
+            get = snap.get
+            return [get(USER + k) for k in keys]
+        finally:
+            snap.close()
 
     # -- writes from followers: applied atomically with their dedup record ------------
     def applied(self, client: bytes) -> tuple[int, dict[int, Any]]:

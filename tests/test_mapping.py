@@ -392,6 +392,36 @@ def test_update_with_many_items(open_db) -> None:
     assert contents(db) == model
 
 
+def test_get_many_returns_values_in_order_with_default_for_missing(open_db) -> None:
+    db = open_db()
+    model = fill(db, 40, seed=3)
+    rnd = random.Random(4)
+    wanted = [*model, b"missing", *ODD_KEYS, "str key"]
+    rnd.shuffle(wanted)
+    expected = [model.get(k if isinstance(k, bytes) else k.encode(), "dflt") for k in wanted]
+    assert db.get_many(wanted, "dflt") == expected
+    assert db.get_many([]) == []
+    assert db.get_many(iter([b"missing"])) == [None]
+
+
+def test_get_many_spans_several_requests(open_db) -> None:
+    db = open_db()
+    model = {b"%06d" % i: b"v%d" % i for i in range(10_000)}
+    db.update(model)
+    keys = [b"%06d" % i for i in range(0, 12_000, 1)]  # the last 2000 are missing
+    values = db.get_many(keys)
+    assert values == [model.get(k) for k in keys]
+
+
+def test_get_many_rejects_bad_keys_and_closed_handles(open_db) -> None:
+    db = open_db()
+    with pytest.raises(TypeError):
+        db.get_many([b"a", 3])
+    db.close()
+    with pytest.raises(partydbm.error, match=CLOSED):
+        db.get_many([b"a"])
+
+
 def test_update_with_a_malformed_pair_raises(open_db) -> None:
     db = open_db()
     with pytest.raises((TypeError, ValueError)):
