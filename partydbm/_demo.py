@@ -7,10 +7,7 @@ restarts a killed writer or reader where it left off. Afterwards it checks that 
 write a writer reported as acknowledged is in the database with its value, and that
 every scan the reader finished was in key order with no duplicate and no gap.
 
-Children (`python -m partydbm._demo ROLE ...`) report on stdout, one line at a time:
-    S <leader|follower> <writes acknowledged>              a writer (or the host: 0)
-    S <leader|follower> <scans> <bad scans> <keys seen>    the reader
-    BAD <description>                                      the reader found a bad scan
+The children are in _demo_children.py.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ._demo_children import key_of, value_of
 from ._election import LockFile
 from ._open import open as party_open
 from ._open import whichdb
@@ -33,96 +31,8 @@ from ._transfer import CliError
 
 WRITERS = 3
 KILLS = 3
-REPORT_EVERY = 0.1  # seconds between a child's status lines
 
 
-# -- the children ----------------------------------------------------------------------------
-def key_of(wid: int, i: int) -> bytes:
-    return b"w%d:%07d" % (wid, i)
-
-
-def value_of(wid: int, i: int) -> bytes:
-    return b"value %d of writer %d" % (i, wid)
-
-
-def _role(db: Any) -> str:
-    return "leader" if db.is_leader else "follower"
-
-
-def writer(path: str, wid: int, start: int, until: float) -> int:
-    db = party_open(path, "c")
-    i, last = start, 0.0
-    while time.time() < until:
-        db[key_of(wid, i)] = value_of(wid, i)
-        i += 1  # acknowledged: keys 0 .. i-1 are written
-        if i % 20 == 0:
-            time.sleep(0.002)  # leave CPU for the others: the machine may have 2 cores
-        now = time.monotonic()
-        if now - last >= REPORT_EVERY:
-            print(f"S {_role(db)} {i}", flush=True)
-            last = now
-    print(f"S {_role(db)} {i}", flush=True)
-    db.close()
-    return 0
-
-
-def reader(path: str, until: float) -> int:
-    db = party_open(path, "c")
-    scans = bad = seen = 0
-    last = 0.0
-    while time.time() < until:
-        reverse = scans % 2 == 1
-        problem, seen = _check_scan(db, reverse, until)
-        if problem is None and time.time() >= until:
-            break  # cut short at the end: not a complete scan
-        scans += 1
-        if problem:
-            bad += 1
-            print(f"BAD scan {scans} ({'reverse' if reverse else 'forward'}): {problem}",
-                  flush=True)
-        now = time.monotonic()
-        if now - last >= REPORT_EVERY:
-            print(f"S {_role(db)} {scans} {bad} {seen}", flush=True)
-            last = now
-    print(f"S {_role(db)} {scans} {bad} {seen}", flush=True)
-    db.close()
-    return 0
-
-
-def _check_scan(db: Any, reverse: bool, until: float) -> tuple[str | None, int]:
-    """Scan every key; a description of what is wrong, or None. Writers append keys in
-    order, so each writer's keys must be a run 0..n-1 with no gap."""
-    prev: bytes | None = None
-    runs: dict[bytes, list[int]] = {}  # writer prefix -> [count, lowest, highest]
-    n = 0
-    for key in db.iterator(include_value=False, reverse=reverse):
-        if prev is not None and (key >= prev if reverse else key <= prev):
-            return f"{key!r} came after {prev!r}", n
-        prev = key
-        n += 1
-        head, _, index = key.partition(b":")
-        i = int(index)
-        run = runs.setdefault(head, [0, i, i])
-        run[0] += 1
-        run[1], run[2] = min(run[1], i), max(run[2], i)
-        if n % 4096 == 0 and time.time() >= until:
-            return None, n
-    for head, (count, low, high) in runs.items():
-        if low != 0 or count != high - low + 1:
-            return f"{head.decode()}: {count} keys from {low} to {high} (a gap)", n
-    return None, n
-
-
-def host(path: str, until: float) -> int:
-    db = party_open(path, "c")
-    print(f"S {_role(db)} 0", flush=True)
-    while time.time() < until:
-        time.sleep(0.05)
-    db.close()
-    return 0
-
-
-# -- the parent --------------------------------------------------------------------------------
 @dataclass
 class Child:
     name: str
@@ -156,7 +66,7 @@ class Demo:
     def spawn(self, kind: str, *args: Any, wid: int = -1) -> Child:
         err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in cleanup()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "partydbm._demo", kind, self.path,
+            [sys.executable, "-m", "partydbm._demo_children", kind, self.path,
              *(str(a) for a in args)], stdout=subprocess.PIPE, stderr=err,
             stdin=subprocess.DEVNULL)
         name = {"writer": f"writer {wid}", "reader": "reader", "host": "host"}[kind]
@@ -233,9 +143,9 @@ class Demo:
             self.drawn = len(lines)
         else:
             live = [c for c in self.children if not c.killed and c.proc.poll() is None]
-            parts = [f"{c.name}{'*' if c.proc.pid == holder else ''} "
-                     f"{c.count:,}{' scans' if c.kind == 'reader' else ''}"
-                     for c in live if c.kind != "host"]
+            parts = [f"{c.name}{'*' if c.proc.pid == holder else ''}"
+                     + ("" if c.kind == "host" else f" {c.count:,}")
+                     + (" scans" if c.kind == "reader" else "") for c in live]
             print(f"  {self.elapsed():5.1f}s  " + " | ".join(parts) + "  (* leads)",
                   flush=True)
 
@@ -273,6 +183,9 @@ def run(path: str | None, short: bool) -> int:
     else:
         _check_fresh(path)
     demo = Demo(path, duration)
+    # SIGTERM (or a closed terminal) must not orphan the children: unwind through the
+    # finally below like Ctrl-C does.
+    old = {sig: signal.signal(sig, _unwind) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         print(f"partydbm demo: {WRITERS} writers and a reader on {path}; the leader is "
               f"SIGKILLed {KILLS} times in {duration:.0f}s.\n", flush=True)
@@ -281,8 +194,14 @@ def run(path: str | None, short: bool) -> int:
         _cleanup(demo)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     print("\nPASS" if ok else "\nFAIL", flush=True)
     return 0 if ok else 1
+
+
+def _unwind(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _check_fresh(path: str) -> None:
@@ -311,6 +230,7 @@ def _play(demo: Demo) -> bool:
     for wid in range(WRITERS):
         demo.spawn("writer", wid, 0, demo.until, wid=wid)
     demo.spawn("reader", demo.until)
+    demo.event("started " + ", ".join(f"{c.name} (pid {c.proc.pid})" for c in demo.children))
     kill_at = [start + demo.duration * (k + 1) / (KILLS + 1) for k in range(KILLS)]
     tick = 0.1 if demo.tty else 1.0
     next_draw = 0.0
@@ -416,18 +336,3 @@ def _cleanup(demo: Demo) -> None:
             c.proc.stdout.close()
         c.err.close()
     demo.sel.close()
-
-
-def _main(argv: list[str]) -> int:
-    kind, path, *rest = argv
-    if kind == "writer":
-        return writer(path, int(rest[0]), int(rest[1]), float(rest[2]))
-    if kind == "reader":
-        return reader(path, float(rest[0]))
-    if kind == "host":
-        return host(path, float(rest[0]))
-    raise SystemExit(f"unknown demo role {kind!r}")
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))

@@ -608,6 +608,33 @@ def test_demo_short_passes_and_leaves_nothing_behind() -> None:
             os.kill(pid, 0)
 
 
+def test_demo_stops_every_process_it_started_on_SIGTERM() -> None:
+    proc = subprocess.Popen([*PY, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = b""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + DEADLINE
+        while b"restart writer" not in out and b"restart the reader" not in out:
+            assert time.monotonic() < deadline and proc.poll() is None, out
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            if ready:
+                out += os.read(proc.stdout.fileno(), 65536)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE)
+    text = out.decode()
+    where = re.search(r"reader on (\S+);", text)
+    assert where and not os.path.exists(os.path.dirname(where.group(1))), "temp dir left"
+    pids = {int(p) for p in re.findall(r"pid (\d+)", text)}
+    assert len(pids) >= 5  # the host, three writers and a restarted process, at least
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_demo_refuses_a_database_with_data_or_in_use(tmp_path: Path, holder: Holder) -> None:
     fill(tmp_path / "db", {b"k": b"v"})
     fails(1, "demo", tmp_path / "db", "--short", says="not empty")
