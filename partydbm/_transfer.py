@@ -66,12 +66,18 @@ def dump(db: PartyDBM, out: str | None) -> int:
     if out is None or out == "-":
         return _dump_to(db, sys.stdout.buffer, progress)
     directory = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".partydbm-dump-", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".partydbm-dump-", dir=directory)
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             n = _dump_to(db, f, progress)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -156,6 +156,8 @@ def test_failures_exit_1_with_one_line_and_no_traceback(tmp_path: Path) -> None:
     fails(1, "set", "plain", "k", "v", says="exists and is not a partydbm database",
           cwd=tmp_path)
     fails(1, "compact", "nowhere", says="No such partydbm database", cwd=tmp_path)
+    fails(1, "dump", "db", "-o", "nodir/out", says="cannot write nodir/out", cwd=tmp_path)
+    fails(1, "load", "db", "nofile", says="nofile: No such file", cwd=tmp_path)
     assert not (tmp_path / "nowhere").exists(), "a read or delete created a database"
     assert contents(tmp_path / "db") == {b"a": b"1"}
 
