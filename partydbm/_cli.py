@@ -23,6 +23,8 @@ from ._mapping import PartyDBM
 from ._open import open as party_open
 from ._transfer import CliError
 
+DB_HELP = "the partydbm database (a directory)"
+
 
 class UsageError(Exception):
     """A bad argument found after parsing (exit code 2)."""
@@ -101,26 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("info", cmd_info, "show who leads, the socket, key count, size and LevelDB stats")
-    p.add_argument("path")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = add("get", cmd_get, "print the value of KEY (exit 1 if missing)", (common, fmt))
-    p.add_argument("path")
-    p.add_argument("key")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
+    p.add_argument("key", metavar="KEY")
     p = add("set", cmd_set, "store VALUE under KEY (creates the database if missing)",
             (common, fmt))
-    p.add_argument("path")
-    p.add_argument("key")
-    p.add_argument("value")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE")
     p = add("delete", cmd_delete, "delete KEY (exit 1 if missing)", (common, fmt))
-    p.add_argument("path")
-    p.add_argument("key")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
+    p.add_argument("key", metavar="KEY")
 
     for name, run, what in (("keys", cmd_keys, "keys, one per line"),
                             ("items", cmd_items, "keys and values, tab-separated per line "
                              "(JSON lines with --format json)")):
         p = add(name, run, f"print {what}, in key order", (common, fmt))
-        p.add_argument("path")
+        p.add_argument("path", metavar="PATH", help=DB_HELP)
         p.add_argument("--prefix", help="only keys starting with PREFIX")
         p.add_argument("--start", help="first key (inclusive)")
         p.add_argument("--stop", help="end key (exclusive)")
@@ -129,39 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("dump", cmd_dump, "write every key and value as JSON lines "
             '({"key": ..., "value": ...}) to stdout or FILE')
-    p.add_argument("path")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (replaced only "
                    "once complete) instead of stdout")
     p = add("load", cmd_load, "store every record of a dump file (FILE '-': stdin); keys "
             "already present are overwritten, others stay (creates the database)")
-    p.add_argument("path")
-    p.add_argument("file")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
+    p.add_argument("file", metavar="FILE", help="a dump file, or - for stdin")
 
     p = add("import", cmd_import, "copy a dbm file (dbm.dumb, dbm.gnu, dbm.ndbm, "
             "dbm.sqlite3 as this Python has them), a shelve file or another partydbm "
             "database into the partydbm database DEST")
-    p.add_argument("src")
-    p.add_argument("dest")
+    p.add_argument("src", metavar="SRC", help="a dbm or shelve file (its name as given to "
+                   "dbm.open), or a partydbm database")
+    p.add_argument("dest", metavar="DEST", help="the partydbm database to copy into")
     p.add_argument("--merge", action="store_true", help="copy into a non-empty DEST "
                    "(same keys are replaced, others stay); refused without it")
     p = add("export", cmd_export, "copy the database into a new standard dbm file DEST")
-    p.add_argument("path")
-    p.add_argument("dest")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
+    p.add_argument("dest", metavar="DEST", help="the dbm file to create (its name as given "
+                   "to dbm.open)")
     p.add_argument("--kind", choices=T.EXPORT_KINDS, default="dumb",
                    help="the dbm module to write with (default: dumb, in every Python)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DEST of the same kind; refused without it")
 
     p = add("compact", cmd_compact, "compact the database (LevelDB compaction)")
-    p.add_argument("path")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
     p = add("serve", cmd_serve, "stay open as a dedicated leader until SIGINT/SIGTERM "
             "(waits as a follower, and takes over, if another process leads)")
-    p.add_argument("path")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log followers connecting and leaving")
     p = add("demo", cmd_demo, "a live demonstration: writers and a reader on one "
             "database while the leader is SIGKILLed; ends with PASS or FAIL", ())
-    p.add_argument("path", nargs="?", help="a new or empty database (default: a temporary "
+    p.add_argument("path", nargs="?", metavar="PATH", help="a new or empty database (default: a temporary "
                    "one, removed afterwards)")
     p.add_argument("--short", action="store_true", help="a few seconds (for CI)")
     return ap

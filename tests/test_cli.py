@@ -129,7 +129,7 @@ def test_every_subcommand_has_help() -> None:
 @pytest.mark.parametrize("args, says", [
     ([], "required: COMMAND"),
     (["frobnicate"], "invalid choice"),
-    (["get", "db"], "required: key"),
+    (["get", "db"], "required: KEY"),
     (["keys", "db", "--format", "rot13"], "invalid choice"),
     (["keys", "db", "--limit", "-1"], "--limit"),
     (["info", "db", "--timeout", "soon"], "--timeout"),
