@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log followers connecting and leaving")
     p = add("demo", cmd_demo, "a live demonstration: writers and a reader on one "
             "database while the leader is SIGKILLed; ends with PASS or FAIL", ())
-    p.add_argument("path", nargs="?", metavar="PATH", help="a new or empty database (default: a temporary "
-                   "one, removed afterwards)")
+    p.add_argument("path", nargs="?", metavar="PATH", help="a new or empty database "
+                   "(default: a temporary one, removed afterwards)")
     p.add_argument("--short", action="store_true", help="a few seconds (for CI)")
     return ap
 
