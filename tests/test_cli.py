@@ -489,6 +489,12 @@ def test_info_when_the_command_leads(tmp_path: Path) -> None:
     assert "Compactions" in text
 
 
+def test_info_shows_an_abstract_socket_address_as_ss_does(tmp_path: Path) -> None:
+    path = tmp_path / ("deep" * 30)  # too long for a socket file in the directory
+    fill(path, {b"k": b"v"})
+    assert re.fullmatch(r"@partydbm-[0-9a-f]{40}", info_json(path)["socket"])
+
+
 def test_info_when_another_process_leads(tmp_path: Path, holder: Holder) -> None:
     path = tmp_path / "db"
     assert holder.open(path) == "leader"
