@@ -60,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(prog: str, message: str, code: int) -> int:
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()  # what was printed before the error comes before it
+    except OSError:
+        pass
     print(f"{prog}: {message}".replace("\n", " "), file=sys.stderr, flush=True)
     return code
 
