@@ -309,7 +309,7 @@ class Dispatcher:
         }
 
     def call(self, peer: Peer, op: int, rid: int, args: Any) -> Any:
-        entry = self._ops.get(op)
+        entry = self._ops.get(op) if type(op) is int else None
         if entry is None:
             raise ProtocolError(f"unknown operation {_brief(op)}")
         arity, fn = entry
