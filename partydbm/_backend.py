@@ -105,7 +105,7 @@ _ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, e
 def storage_error(exc: BaseException, doing: str = "LevelDB failed") -> error:
     """A partydbm.error for a plyvel error, naming LevelDB's cause (and with the errno
     when LevelDB's text names one: a full disk is ENOSPC)."""
-    text = _text(exc)
+    text = _text(exc).replace(" descriptor", " descriptor (MANIFEST)")  # LevelDB's name
     code = next((c for c in _ERRNOS if os.strerror(c) in text), errno.EIO)
     hint = f" ({REPAIR_HINT})" if isinstance(exc, plyvel.CorruptionError) else ""
     return error(code, f"{doing}: {text}{hint}")
