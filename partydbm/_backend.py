@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -66,7 +67,29 @@ def open_db(path: str) -> Backend:
         raise storage_error(exc, f"cannot open LevelDB at {path!r}") from exc
     except plyvel.Error as exc:
         raise storage_error(exc, f"cannot open LevelDB at {path!r}") from exc
+    narrow_logs(path)
     return Backend(db)
+
+
+def narrow_logs(path: str) -> None:
+    """LevelDB creates its info LOG with 0666 less the umask (its data files 0644, which
+    the directory's bits keep no wider than the database's mode): make the LOGs no
+    wider than the directory allows (its bits less x). Through an fd opened without
+    following symlinks; a LOG of another user's stays as it is."""
+    limit = os.stat(path).st_mode & 0o666
+    for name in ("LOG", "LOG.old"):
+        try:
+            fd = os.open(os.path.join(path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            bits = stat.S_IMODE(os.fstat(fd).st_mode)
+            if bits & ~limit:
+                os.fchmod(fd, bits & limit)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _is_new(path: str) -> bool:
@@ -91,6 +114,7 @@ def repair(path: str) -> None:
         plyvel.repair_db(path)
     except plyvel.Error as exc:
         raise storage_error(exc, f"cannot repair LevelDB at {path!r}") from exc
+    narrow_logs(path)
 
 
 def _text(exc: BaseException) -> str:
