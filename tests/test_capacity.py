@@ -234,3 +234,44 @@ def test_a_batch_over_the_limits_is_a_clear_error_and_stores_nothing(
         for i in range(10):
             wb.put(b"k%d" % i, b"v")
     assert len(db) == 10
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_leader_out_of_file_descriptors_waits_instead_of_spinning(
+        party: Party, tmp_path: Path) -> None:
+    """accept() failing with EMFILE used to be retried at once, forever: a core spent
+    until some follower left. Now it backs off, and serves again once fds are free."""
+    path = tmp_path / "db"
+    leader = party.repl()
+    leader.exec("import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))")
+    assert leader.open(path) == "leader"
+    leader.exec("db[b'k'] = b'v'")
+    raws: list[Raw] = []
+    try:
+        for _ in range(80):  # more than it has fds for: the rest wait in the backlog
+            raws.append(Raw(path))
+        time.sleep(0.5)
+        start = _cpu_seconds(leader.pid)
+        time.sleep(2.0)
+        used = _cpu_seconds(leader.pid) - start
+        assert used < 1.0, f"the leader burnt {used:.2f}s of CPU in 2s waiting for fds"
+    finally:
+        for raw in raws:
+            raw.close()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            raw = Raw(path)
+            raw.sock.settimeout(2)
+            assert raw.hello()[1] is True
+            assert raw.request(P.GET, b"k")[1:] == [True, b"v"]
+            raw.close()
+            break
+        except (AssertionError, OSError):
+            assert time.monotonic() < deadline, "the leader never served again"
+            time.sleep(0.1)
