@@ -77,9 +77,13 @@ def test_a_full_disk_is_a_clear_error_and_what_was_stored_stays(
         db.update(model)
         db.sync()  # stored: on disk for sure (unsynced writes may sit in a buffer)
         rng = random.Random(2)
+        acknowledged: dict[bytes, bytes] = {}
         with pytest.raises(partydbm.error) as info:
             for i in range(200):  # 200 x 64 kB: far more than the 4 MB there is
-                db[b"fill-%04d" % i] = rng.randbytes(64 * 1024)
+                key, value = b"fill-%04d" % i, rng.randbytes(64 * 1024)
+                db[key] = value
+                acknowledged[key] = value
+        assert acknowledged, "the disk was full before the first write"
         assert "No space left on device" in str(info.value), info.value
         if role == "leader":
             assert info.value.errno == errno.ENOSPC
@@ -93,6 +97,9 @@ def test_a_full_disk_is_a_clear_error_and_what_was_stored_stays(
     with partydbm.open(path, "r") as db:
         for key, value in model.items():
             assert db[key] == value
+        for key, value in acknowledged.items():  # in the OS's hands before the disk filled
+            assert db[key] == value
+        assert db.get(b"fill-%04d" % len(acknowledged)) is None  # the one that failed
 
 
 # -- not writable ----------------------------------------------------------------------------
