@@ -14,7 +14,7 @@ from ._errors import (
     error,
 )
 from ._mapping import PartyDBM, WriteBatch
-from ._open import install, open, open_flags, uninstall, whichdb
+from ._open import install, open, open_flags, repair, uninstall, whichdb
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "install",
     "open",
     "open_flags",
+    "repair",
     "uninstall",
     "whichdb",
 ]

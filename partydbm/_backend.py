@@ -14,6 +14,9 @@ Records under b"m":
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -41,25 +44,95 @@ class LockTainted(Exception):
 Range = tuple[bytes | None, bool, bytes | None, bool]  # (lo, lo_incl, hi, hi_incl), user keys
 
 
+# What plyvel raises for a failed LevelDB operation (disk full, I/O error, corruption):
+# callers that use plyvel's methods directly catch it and raise storage_error(exc).
+StorageError = plyvel.Error
+
+# Files of LevelDB's own that prove a database was stored here.
+_DATA_SUFFIXES = (".ldb", ".sst", ".log")
+REPAIR_HINT = "partydbm.repair(path) (the command `partydbm repair PATH`) may recover it"
+
+
 def open_db(path: str) -> Backend:
-    """Open the LevelDB at `path` (a directory that exists). Raises LockHeld/LockTainted."""
+    """Open the LevelDB at `path` (a directory that exists). Raises LockHeld/LockTainted,
+    or error naming the cause (corruption, I/O, a missing CURRENT)."""
     try:
-        db = plyvel.DB(path, create_if_missing=True)
+        db = plyvel.DB(path, create_if_missing=_is_new(path))
     except plyvel.IOError as exc:
         msg = exc.args[0] if exc.args else b""
         if isinstance(msg, bytes) and b"already held by process" in msg:
             raise LockTainted(path) from exc
         if isinstance(msg, bytes) and b"Resource temporarily unavailable" in msg:
             raise LockHeld(path) from exc
-        raise error(f"cannot open LevelDB at {path!r}: {_text(exc)}") from exc
+        raise storage_error(exc, f"cannot open LevelDB at {path!r}") from exc
     except plyvel.Error as exc:
-        raise error(f"cannot open LevelDB at {path!r}: {_text(exc)}") from exc
+        raise storage_error(exc, f"cannot open LevelDB at {path!r}") from exc
+    narrow_logs(path)
     return Backend(db)
+
+
+def narrow_logs(path: str) -> None:
+    """LevelDB creates its info LOG with 0666 less the umask (its data files 0644, which
+    the directory's bits keep no wider than the database's mode): make the LOGs no
+    wider than the directory allows (its bits less x). Through an fd opened without
+    following symlinks; a LOG of another user's stays as it is."""
+    limit = os.stat(path).st_mode & 0o666
+    for name in ("LOG", "LOG.old"):
+        try:
+            fd = os.open(os.path.join(path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            bits = stat.S_IMODE(os.fstat(fd).st_mode)
+            if bits & ~limit:
+                os.fchmod(fd, bits & limit)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _is_new(path: str) -> bool:
+    """Whether LevelDB may create a database at `path`. Not when CURRENT is missing but
+    data files are there: LevelDB would then start an empty database and delete the
+    tables it does not know, silently losing what was stored."""
+    if os.path.exists(os.path.join(path, "CURRENT")):
+        return False
+    names = os.listdir(path)
+    if any(n.endswith(_DATA_SUFFIXES) or n.startswith("MANIFEST-") for n in names):
+        raise error(errno.EIO, f"LevelDB's CURRENT file is missing but the database holds "
+                    f"data files; refusing to open it as a new database. {REPAIR_HINT}",
+                    path)
+    return True
+
+
+def repair(path: str) -> None:
+    """LevelDB's repair: rebuild the MANIFEST (and CURRENT) from the table and log files
+    at `path`, keeping every record it can read. The caller must hold the LOCK and
+    nobody may have the database open (LevelDB's repair takes no lock itself)."""
+    try:
+        plyvel.repair_db(path)
+    except plyvel.Error as exc:
+        raise storage_error(exc, f"cannot repair LevelDB at {path!r}") from exc
+    narrow_logs(path)
 
 
 def _text(exc: BaseException) -> str:
     arg = exc.args[0] if exc.args else ""
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+           errno.ENOENT, errno.EMFILE)
+
+
+def storage_error(exc: BaseException, doing: str = "LevelDB failed") -> error:
+    """A partydbm.error for a plyvel error, naming LevelDB's cause (and with the errno
+    when LevelDB's text names one: a full disk is ENOSPC)."""
+    text = _text(exc).replace(" descriptor", " descriptor (MANIFEST)")  # LevelDB's name
+    code = next((c for c in _ERRNOS if os.strerror(c) in text), errno.EIO)
+    hint = f" ({REPAIR_HINT})" if isinstance(exc, plyvel.CorruptionError) else ""
+    return error(code, f"{doing}: {text}{hint}")
 
 
 class Backend:
@@ -74,27 +147,41 @@ class Backend:
         self._delete = db.delete
 
     # -- point operations (user keys, unprefixed) -------------------------------------
+    # Every method turns plyvel's errors into partydbm.error (storage_error); the
+    # facade's inline raw_get/raw_put callers do the same.
     def get(self, key: bytes) -> bytes | None:
-        return self._get(USER + key)  # type: ignore[no-any-return]
+        try:
+            return self._get(USER + key)  # type: ignore[no-any-return]
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     def put(self, key: bytes, value: bytes, sync: bool = False) -> None:
-        self._put(USER + key, value, sync=sync)
+        try:
+            self._put(USER + key, value, sync=sync)
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     def delete(self, key: bytes, sync: bool = False) -> bool:
         k = USER + key
-        if self._get(k) is None:
-            return False
-        self._delete(k, sync=sync)
+        try:
+            if self._get(k) is None:
+                return False
+            self._delete(k, sync=sync)
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
         return True
 
     def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
         """Values of many user keys, all read from one snapshot."""
-        snap = self._db.snapshot()
         try:
-            get = snap.get
-            return [get(USER + k) for k in keys]
-        finally:
-            snap.close()
+            snap = self._db.snapshot()
+            try:
+                get = snap.get
+                return [get(USER + k) for k in keys]
+            finally:
+                snap.close()
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     # -- writes from followers: applied atomically with their dedup record ------------
     def applied(self, client: bytes) -> tuple[int, dict[int, Any]]:
@@ -112,8 +199,10 @@ class Backend:
     ) -> None:
         """Apply puts (value bytes) and deletes (value None) atomically, with `record`
         (client, rid, recent outcomes) marking them applied."""
-        # Filled first, written last: if filling raises, nothing is written (cheaper than
-        # plyvel's transaction mode).
+        # Filled first, written last: if filling raises (a KeyboardInterrupt included),
+        # nothing is written (cheaper than plyvel's transaction mode). LevelDB writes the
+        # batch as one log record, so a process killed during write() leaves all of it
+        # or none.
         wb = self._db.write_batch(sync=sync)
         for key, value in ops:
             if value is None:
@@ -123,14 +212,20 @@ class Backend:
         if record is not None:
             client, rid, recent = record
             wb.put(APPLIED + client, pack([rid, time.time(), list(recent.items())]))
-        wb.write()
+        try:
+            wb.write()
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     def clear_ops(self) -> list[tuple[bytes, bytes | None]]:
         """Deletes for every user key (one atomic batch: a replayed half-clear could
         delete keys others wrote in between)."""
         n = len(USER)
-        return [(k[n:], None) for k in self._db.iterator(start=USER, stop=USER_END,
-                                                         include_value=False)]
+        try:
+            return [(k[n:], None) for k in self._db.iterator(start=USER, stop=USER_END,
+                                                             include_value=False)]
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     def prune_applied(self, now: float | None = None) -> int:
         """Drop dedup records no retry can still need."""
@@ -148,15 +243,24 @@ class Backend:
     # -- whole-database operations ----------------------------------------------------
     def count(self) -> int:
         n = 0
-        for _ in self._db.iterator(start=USER, stop=USER_END, include_value=False):
-            n += 1
+        try:
+            for _ in self._db.iterator(start=USER, stop=USER_END, include_value=False):
+                n += 1
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
         return n
 
     def sync(self) -> None:
-        self._put(SYNC_KEY, b"", sync=True)
+        try:
+            self._put(SYNC_KEY, b"", sync=True)
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     def compact(self) -> None:
-        self._db.compact_range()
+        try:
+            self._db.compact_range()
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     def close(self) -> None:
         self._db.close()
@@ -176,12 +280,15 @@ class Backend:
             lo_incl = True
         if shi < slo or (shi == slo and not (lo_incl and hi_incl)):
             return [], False
-        if reverse:
-            items = self._scan_reverse(slo, lo_incl, shi, hi_incl, keys_only)
-        else:
-            items = self._db.iterator(start=slo, stop=shi, include_start=lo_incl,
-                                      include_stop=hi_incl, include_value=not keys_only)
-        return _page(items, keys_only, limit, max_bytes)
+        try:
+            if reverse:
+                items = self._scan_reverse(slo, lo_incl, shi, hi_incl, keys_only)
+            else:
+                items = self._db.iterator(start=slo, stop=shi, include_start=lo_incl,
+                                          include_stop=hi_incl, include_value=not keys_only)
+            return _page(items, keys_only, limit, max_bytes)
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
 
     def _scan_reverse(
         self, lo: bytes, lo_incl: bool, hi: bytes, hi_incl: bool, keys_only: bool

@@ -15,9 +15,27 @@ from typing import Any
 
 from . import _protocol as P
 from . import _sockets
+from ._election import trusted_leader
 from ._errors import LeaderLostError, ProtocolError, Timeout, from_wire
 
 RECV_SIZE = 64 * 1024  # larger reads made glibc mmap/munmap per recv
+
+
+def _check_leader(sock: _sockets.Socket, address: str | bytes, db_path: str) -> None:
+    """Send nothing to a process that could not use the database files itself (a
+    squatter on an abstract address, another user's socket): it would get our writes
+    and could forge our reads."""
+    try:
+        pid, uid, gid = _sockets.peer_credentials(sock)
+        trusted = trusted_leader(db_path, uid, gid, _sockets.peer_groups(sock))
+    except BaseException:
+        _sockets.hang_up(sock)
+        raise
+    if not trusted:
+        _sockets.hang_up(sock)
+        raise _sockets.Refused(
+            f"process {pid} (uid {uid}) serves {address!r} but could not read and write "
+            f"{db_path!r} itself: not a partydbm leader we trust")
 
 
 class Slot:
@@ -78,9 +96,12 @@ class Connection:
 
     @classmethod
     def open(cls, address: str | bytes, client: bytes, rids: Iterator[int],
-             timeout: float | None) -> Connection:
-        """Connect and say hello. Raises OSError (no leader there) or error."""
+             timeout: float | None, db_path: str | None = None) -> Connection:
+        """Connect and say hello. Raises OSError (no leader there; _sockets.Refused: a
+        process that could not use `db_path` itself serves the address) or error."""
         sock = _sockets.connect(address, timeout)
+        if db_path is not None:
+            _check_leader(sock, address, db_path)
         conn = cls(sock, rids)
         hello = Slot(P.HELLO, ({"v": P.VERSION, "client": client, "pid": os.getpid()},), True)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -38,7 +38,11 @@ def socket_address(db_path: str) -> str | bytes:
 
 
 def remove_stale_socket(address: str | bytes) -> None:
-    """Unlink a socket file left by a dead leader. Call only while holding the LOCK."""
+    """Unlink a socket file left by a dead leader. Call only while holding the LOCK.
+
+    Whatever sits at the path goes, and only the name: unlink() never follows a symlink
+    (a symlink planted there is removed, its target untouched), and a directory there
+    raises (the database then cannot be served: an error, not a guess)."""
     if isinstance(address, str):
         try:
             os.unlink(address)
@@ -46,12 +50,50 @@ def remove_stale_socket(address: str | bytes) -> None:
             pass
 
 
+def may_access(db_path: str, uid: int, gid: int, groups: set[int] | None) -> bool:
+    """Whether a process with these credentials could read and write the database's
+    files itself, judged by the database directory's owner, group and mode the way the
+    kernel would (root always may). `groups`: its supplementary groups, None if unknown
+    (then the account's groups are looked up)."""
+    if uid == 0:
+        return True
+    st = os.stat(db_path)
+    if uid == st.st_uid:
+        bits = st.st_mode >> 6
+    elif gid == st.st_gid or st.st_gid in (_groups_of(uid) if groups is None else groups):
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & 0o7 == 0o7
+
+
+def _groups_of(uid: int) -> set[int]:
+    try:
+        import pwd
+
+        entry = pwd.getpwuid(uid)
+        return set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except (KeyError, OSError):
+        return set()
+
+
+def trusted_leader(db_path: str, uid: int, gid: int, groups: set[int] | None) -> bool:
+    """Whether a follower may talk to a leader process with these credentials: one that
+    could use the database files itself (our own uid, root, or a user the directory's
+    mode lets read and write). Anything else serving the address (a squatter on the
+    abstract name, a socket of another user's) would receive our writes and forge our
+    reads."""
+    return uid == os.geteuid() or may_access(db_path, uid, gid, groups)
+
+
 class LockFile:
     """The process's one fd on a database's LOCK file, and a waiter thread on it."""
 
     def __init__(self, db_path: str) -> None:
         self.path = lock_path(db_path)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Created no wider than the database (the directory's bits less x: see _open).
+        mode = os.stat(db_path).st_mode & 0o666
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
         self._waiter: threading.Thread | None = None
         self._mutex = threading.Lock()
         self.retired = False

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import atexit
+import errno
 import functools
 import itertools
 import os
@@ -137,6 +138,7 @@ class Engine:
         self._rerouting = False
         self._lock_won = False
         self._helper: subprocess.Popen[bytes] | None = None
+        self._refused = ""  # why the last thing at our address was not talked to
         self._new_identity()
 
     def _new_identity(self) -> None:
@@ -323,15 +325,24 @@ class Engine:
     def _try_connect(self, deadline: float | None) -> Connection | None:
         remaining = _remaining(deadline)
         try:
-            return Connection.open(self.address, self.client, self._rids,
-                                   None if remaining is None else max(remaining, 0.001))
+            conn = Connection.open(self.address, self.client, self._rids,
+                                   None if remaining is None else max(remaining, 0.001),
+                                   self.path)
+        except _sockets.Refused as exc:  # not a leader we talk to: wait for a real one
+            self._refused = str(exc)
+            return None
         except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
                 BrokenPipeError, LeaderLostError):
             return None
         except TimeoutError:
             return None
+        self._refused = ""
+        return conn
 
     def _timeout_error(self, deadline: float | None) -> Timeout:
+        if self._refused:
+            return Timeout(f"no partydbm leader answered for {self.path!r} in time; "
+                           f"refused: {self._refused}")
         pid = self._lockfile.holder_pid()
         if pid is None:
             return Timeout(
@@ -393,6 +404,7 @@ class Engine:
         return bool(self.call(P.HAS, (key,), h))
 
     def put(self, key: bytes, value: bytes, sync: bool, h: Policy) -> None:
+        P.check_put(key, value)
         b = self.backend
         if b is not None:
             b.put(key, value, sync)
@@ -406,6 +418,7 @@ class Engine:
         return bool(self.call(P.DELETE, (key, sync), h))
 
     def batch(self, ops: list[tuple[bytes, bytes | None]], sync: bool, h: Policy) -> None:
+        P.check_batch(ops)  # in both roles: a handle behaves the same whichever it has
         b = self.backend
         if b is not None:
             b.write(ops, sync)
@@ -490,6 +503,26 @@ _LOCAL: dict[int, Callable[..., Any]] = {
     P.SCAN: lambda b, lo, lo_incl, hi, hi_incl, *rest: b.scan((lo, lo_incl, hi, hi_incl), *rest),
 }
 assert set(_LOCAL) == set(P.OP_NAMES) - {P.HELLO}, "every operation needs a local form"
+
+
+def exclusively(path: str, fn: Callable[[], Any]) -> Any:
+    """Run `fn` while holding the database's LOCK with nobody having it open, this
+    process included (for LevelDB's repair, which takes no lock itself). Raises error
+    (EBUSY) when anybody has it open. `_registry` is held throughout, so this process
+    cannot open the database meanwhile; a lock taken on a second fd of LOCK here would
+    be dropped with it (trap 1), hence the check of this process's own engines first."""
+    with _registry:
+        if path in _engines or path in _lockfiles:
+            raise error(errno.EBUSY, "the database is open in this process", path)
+        lockfile = LockFile(path)
+        try:
+            if not lockfile.try_lock():
+                pid = lockfile.holder_pid()
+                raise error(errno.EBUSY, "the database is open (process "
+                            f"{pid if pid is not None else '?'} holds LevelDB's LOCK)", path)
+            return fn()
+        finally:
+            lockfile.close()  # also releases the lock
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -10,7 +10,7 @@ from typing import Any
 from . import _cursor
 from . import _engine as E
 from . import _protocol as P
-from ._backend import USER
+from ._backend import USER, StorageError, storage_error
 from ._errors import CLOSED_MESSAGE, READONLY_MESSAGE, ClosedError, ReadOnlyError
 
 Key = bytes | str | bytearray | memoryview
@@ -65,8 +65,14 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         if engine is None:
             raise ClosedError(CLOSED_MESSAGE)
         backend = engine.backend
-        value: bytes | None = (backend.raw_get(USER + k) if backend is not None
-                               else engine.call(P.GET, (k,), self))
+        value: bytes | None
+        if backend is not None:
+            try:
+                value = backend.raw_get(USER + k)
+            except StorageError as exc:
+                raise storage_error(exc) from exc
+        else:
+            value = engine.call(P.GET, (k,), self)
         if value is None:
             raise KeyError(key)
         return value
@@ -105,9 +111,14 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             raise ClosedError(CLOSED_MESSAGE)
         if self._readonly:
             raise ReadOnlyError(READONLY_MESSAGE)
+        if len(v) > P.MAX_VALUE or len(k) > P.MAX_KEY:  # the same limits in both roles
+            P.check_put(k, v)
         backend = engine.backend
         if backend is not None:
-            backend.raw_put(USER + k, v, sync=self._sync)
+            try:
+                backend.raw_put(USER + k, v, sync=self._sync)
+            except StorageError as exc:  # a full disk: partydbm.error naming the cause
+                raise storage_error(exc) from exc
         else:
             engine.call(P.PUT, (k, v, self._sync), self)
 

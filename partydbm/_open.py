@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Any
 
+from . import _backend as B
 from . import _engine as E
 from ._errors import BadFlagError, error
 from ._mapping import PartyDBM
@@ -41,16 +43,57 @@ def _create(path: str, mode: int) -> None:
         if leftovers:
             raise error(errno.EEXIST, "exists and is not a partydbm database", path)
     # Directories need x wherever the mode grants r, or nobody could open the files.
-    os.makedirs(path, mode | ((mode & 0o444) >> 2), exist_ok=True)
+    os.makedirs(path, _dir_bits(mode), exist_ok=True)
     try:
         fd = os.open(os.path.join(path, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                      mode & 0o666)
     except FileExistsError:
         return
     try:
+        _narrow_dir(path, os.fstat(fd).st_mode)
         os.write(fd, MARKER_TEXT)
     finally:
         os.close(fd)
+
+
+def _dir_bits(mode: int) -> int:
+    return (mode | ((mode & 0o444) >> 2)) & 0o777
+
+
+def _narrow_dir(path: str, marker_mode: int) -> None:
+    """The directory is what keeps LevelDB's files (created 0644 less the umask, whatever
+    `mode` says) no wider than `mode`: a directory that existed before (empty) loses the
+    bits the marker (created with `mode` less the umask) did not get. Never widened."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        return
+    bits = stat.S_IMODE(st.st_mode)
+    narrowed = bits & (_dir_bits(marker_mode & 0o666) | 0o7000)
+    if narrowed != bits:
+        os.chmod(path, narrowed)
+
+
+def repair(file: str | os.PathLike[str]) -> None:
+    """Repair a damaged database (a corrupt or missing CURRENT or MANIFEST, damaged
+    tables) with LevelDB's repair, which keeps every record it can still read.
+
+    Refuses with partydbm.error (EBUSY) while any process has the database open: it
+    takes LevelDB's LOCK first, as a leader would, and repairs only while holding it."""
+    shown = os.fspath(file)
+    if not shown:
+        raise error(errno.ENOENT, "an empty path names no database", shown)
+    path = os.path.realpath(os.fsdecode(shown))
+    if not _is_db(path):
+        if os.path.exists(path):
+            raise error(errno.EINVAL, "Not a partydbm database", shown)
+        raise error(errno.ENOENT, "No such partydbm database", shown)
+    try:
+        E.exclusively(path, lambda: B.repair(path))
+    except error:
+        raise
+    except OSError as exc:
+        raise error(exc.errno, f"cannot repair partydbm database: {exc.strerror or exc}",
+                    shown) from exc
 
 
 def open(file: Any, flag: str = "c", mode: int = 0o666, *, retry: bool = True,

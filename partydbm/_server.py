@@ -4,14 +4,23 @@ One daemon thread accepts; one daemon thread per follower connection reads reque
 applies them in arrival order and answers in the same order (so writes from one
 follower are applied in the order it issued them). plyvel releases the GIL, so
 connections are served in parallel with the leader's own threads.
+
+A follower is a process of somebody else's, so nothing it sends may hurt the leader or
+the other followers: frames are bounded (see the limits in _protocol), a request the
+leader cannot accept gets an error reply and ends the connection, a half message
+followed by silence ends it after MESSAGE_TIMEOUT, a follower that stops reading its
+replies is dropped after SEND_TIMEOUT, and every handler thread catches what it raises.
+Each connection has its own thread, so a stalled one only ever stalls itself.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +28,14 @@ from typing import Any
 from . import _protocol as P
 from . import _sockets
 from ._backend import Backend
-from ._election import remove_stale_socket
+from ._election import may_access, remove_stale_socket
 from ._errors import ProtocolError, to_wire
 
 RECV_SIZE = 64 * 1024  # larger reads made glibc mmap/munmap per recv
 RECENT_OUTCOMES = 64  # delete outcomes kept per follower for replayed deletes
+FLUSH_BYTES = 256 * 1024  # replies to one read are sent in pieces of about this much
+MAX_ERROR_TEXT = 4096  # characters of an error message sent to a follower
+ACCEPT_BACKOFF = 0.05  # seconds between accept() attempts while out of file descriptors
 
 
 @dataclass
@@ -36,7 +48,7 @@ class Peer:
     pid: int = 0
     uid: int = -1
     gid: int = -1
-    groups: set[int] = field(default_factory=set)
+    groups: set[int] | None = None
 
 
 def _crash_point() -> tuple[str, int] | None:
@@ -104,14 +116,22 @@ class Server:
                 return
             try:
                 sock, _ = listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._closing:
                     return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The connection waits in the backlog; retrying at once would spin a
+                    # core until some handler gives an fd back.
+                    time.sleep(ACCEPT_BACKOFF)
                 continue
             with self._lock:
                 if self._closing:
                     _sockets.hang_up(sock)
                     return
+                if len(self._conns) >= P.MAX_CONNECTIONS:
+                    _refuse_now(sock, f"the partydbm leader serves {len(self._conns)} "
+                                "followers already (partydbm._protocol.MAX_CONNECTIONS)")
+                    continue
                 t = threading.Thread(target=self._serve, args=(sock,),
                                      name="partydbm-serve", daemon=True)
                 self._conns.add(sock)
@@ -124,92 +144,160 @@ class Server:
         decoder = P.Decoder()
         pack = P.packer()
         try:
+            _sockets.serve_options(sock)
             peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
+            peer.groups = _sockets.peer_groups(sock)
             if not self._may_access(peer):
-                sock.sendall(P.pack([0, False, ["error",
-                             f"uid {peer.uid} may not read and write {self.db_path!r}"]]))
+                _send(sock, P.pack([0, False, ["error",
+                      f"uid {peer.uid} may not read and write {self.db_path!r}"]]))
                 return
-            while True:
-                data = sock.recv(RECV_SIZE)
-                if not data:
-                    return
-                decoder.feed(data)
-                replies = [self._handle(peer, msg, pack) for msg in decoder.messages()]
-                if replies:
-                    sock.sendall(b"".join(replies))
-        except P.DecodeError as exc:
-            try:
-                sock.sendall(P.pack([None, False, ["protocol", str(exc)]]))
-            except OSError:
-                pass
-        except _ProtocolViolation as exc:
-            try:
-                sock.sendall(P.pack([exc.rid, False, ["protocol", str(exc)]]))
-            except OSError:
+            while self._serve_some(sock, peer, decoder, pack):
                 pass
         except OSError:
-            pass
+            pass  # the follower left, or stopped reading its replies (TimeoutError)
+        except Exception as exc:  # a bug of ours: tell the follower, keep the leader up
+            _send_quietly(sock, P.pack([None, False, _wire(exc)]))
         finally:
             with self._lock:
                 self._conns.discard(sock)
                 self._threads.discard(threading.current_thread())
             _sockets.hang_up(sock)
 
+    def _serve_some(self, sock: _sockets.Socket, peer: Peer, decoder: P.Decoder,
+                    pack: Callable[[Any], bytes]) -> bool:
+        """Read what has arrived and answer every complete request in it, in order.
+        False when the connection is over."""
+        if decoder.pending() and not _sockets.readable(sock, P.MESSAGE_TIMEOUT):
+            _send_quietly(sock, P.pack([None, False, ["protocol",
+                          f"no byte of the rest of a message for {P.MESSAGE_TIMEOUT}s"]]))
+            return False
+        data = sock.recv(RECV_SIZE)
+        if not data:
+            return False
+        bad: P.DecodeError | None = None
+        try:
+            decoder.feed(data)
+            msgs = decoder.messages()
+        except P.DecodeError as exc:  # answer what came before the bad frame first
+            bad, msgs = exc, exc.messages
+        replies: list[bytes] = []
+        size = 0
+        for msg in msgs:
+            reply, fatal = self._handle(peer, msg, pack)
+            replies.append(reply)
+            size += len(reply)
+            if fatal:
+                _send(sock, b"".join(replies))
+                return False
+            if size >= FLUSH_BYTES:  # many replies to one read: never hold them all
+                _send(sock, b"".join(replies))
+                replies, size = [], 0
+        if bad is not None:
+            replies.append(P.pack([None, False, ["protocol", _text(str(bad))]]))
+        if replies:
+            _send(sock, b"".join(replies))
+        return bad is None
+
     def _may_access(self, peer: Peer) -> bool:
         """A follower may use the socket only if it could read and write the database
         files itself (the socket must not widen access)."""
-        if peer.uid == 0 or peer.uid == os.geteuid():
-            return True
-        st = os.stat(self.db_path)
-        if peer.uid == st.st_uid:
-            bits = st.st_mode >> 6
-        elif peer.gid == st.st_gid or st.st_gid in _groups_of(peer.uid):
-            bits = st.st_mode >> 3
-        else:
-            bits = st.st_mode
-        return bits & 0o7 == 0o7
+        return peer.uid == os.geteuid() or may_access(self.db_path, peer.uid, peer.gid,
+                                                       peer.groups)
 
-    def _handle(self, peer: Peer, msg: Any, pack: Callable[[Any], bytes]) -> bytes:
-        if not isinstance(msg, list) or len(msg) < 2 or not isinstance(msg[0], int):
-            raise _ProtocolViolation(None, f"malformed request {msg!r:.80}")
+    def _handle(self, peer: Peer, msg: Any, pack: Callable[[Any], bytes]
+                ) -> tuple[bytes, bool]:
+        """The reply to one request, and whether the connection must end after it (the
+        request broke the protocol: whatever follows cannot be trusted)."""
+        if (type(msg) is not list or len(msg) < 2 or type(msg[0]) is not int
+                or type(msg[1]) is not int):
+            rid = msg[1] if type(msg) is list and len(msg) > 1 and type(msg[1]) is int else None
+            return pack([rid, False, ["protocol", f"malformed request {_brief(msg)}"]]), True
         op, rid = msg[0], msg[1]
-        if not isinstance(rid, int):
-            raise _ProtocolViolation(None, f"malformed request id {rid!r:.40}")
         if peer.client is None:
-            return self._hello(peer, rid, msg)
+            return self._hello(peer, rid, msg, pack)
         try:
-            return pack([rid, True, self.dispatcher.call(peer, op, rid, msg[2:])])
+            return pack([rid, True, self.dispatcher.call(peer, op, rid, msg[2:])]), False
+        except ProtocolError as exc:
+            return pack([rid, False, _wire(exc)]), True
         except Exception as exc:
-            return pack([rid, False, to_wire(exc)])
+            return pack([rid, False, _wire(exc)]), False
 
-    def _hello(self, peer: Peer, rid: int, msg: list[Any]) -> bytes:
-        if msg[0] != P.HELLO or len(msg) != 3 or not isinstance(msg[2], dict):
-            raise _ProtocolViolation(rid, "the first message must be a hello")
+    def _hello(self, peer: Peer, rid: int, msg: list[Any], pack: Callable[[Any], bytes]
+               ) -> tuple[bytes, bool]:
+        def refuse(text: str) -> tuple[bytes, bool]:
+            return pack([rid, False, ["protocol", text]]), True
+
+        if msg[0] != P.HELLO or len(msg) != 3 or type(msg[2]) is not dict:
+            return refuse("the first message must be a hello")
         info = msg[2]
         if info.get("v") != P.VERSION:
-            raise _ProtocolViolation(
-                rid, f"protocol version {info.get('v')!r} not supported (leader speaks "
-                f"{P.VERSION})")
+            return refuse(f"protocol version {_brief(info.get('v'))} not supported (leader "
+                          f"speaks {P.VERSION})")
         client = info.get("client")
-        if not isinstance(client, bytes) or not client:
-            raise _ProtocolViolation(rid, "hello without a client id")
+        if type(client) is not bytes or not 0 < len(client) <= P.MAX_CLIENT_ID:
+            return refuse("hello without a valid client id")
         peer.client = client
         peer.applied, peer.recent = self.backend.applied(client)
-        return P.pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}])
+        return pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}]), False
+
+
+def _send(sock: _sockets.Socket, data: bytes) -> None:
+    _sockets.send_stalling(sock, data, P.SEND_TIMEOUT)
+
+
+def _send_quietly(sock: _sockets.Socket, data: bytes) -> None:
+    try:
+        _send(sock, data)
+    except OSError:
+        pass
+
+
+def _refuse_now(sock: _sockets.Socket, text: str) -> None:
+    """Answer a connection's hello with an error and hang up, without a thread (the
+    reply is small and the socket new: it never blocks)."""
+    try:
+        sock.send(P.pack([0, False, ["error", text]]), _sockets.DONTWAIT)
+    except OSError:
+        pass
+    _sockets.hang_up(sock)
+
+
+def _text(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "..."
+
+
+def _wire(exc: BaseException) -> list[str]:
+    code, text = to_wire(exc)
+    return [code, _text(text)]
+
+
+def _brief(obj: Any) -> str:
+    """A short description of something a peer sent (never the repr of all of it: a
+    message can be 100 MB)."""
+    if isinstance(obj, (bytes, str)):
+        return f"{type(obj).__name__} of length {len(obj)} {obj[:32]!r}"
+    if isinstance(obj, (list, dict)):
+        return f"{type(obj).__name__} of length {len(obj)}"
+    return repr(obj)[:80]
+
 
 class Dispatcher:
     """Applies one request to the backend: the table op -> operation, and the rule that a
     follower's write is applied at most once. Used by the server for every request and
-    by a follower that becomes leader to replay its own unanswered requests."""
+    by a follower that becomes leader to replay its own unanswered requests.
+
+    Arguments come from another process: each is checked before anything is read or
+    written, and a request of the wrong shape raises ProtocolError (nothing else), so
+    it never changes what is stored."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._crash = _crash_point()
         self._passages: dict[str, int] = {}
         self._ops: dict[int, tuple[int, Callable[..., Any]]] = {
-            P.GET: (1, lambda peer, rid, key: backend.get(key)),
-            P.HAS: (1, lambda peer, rid, key: backend.get(key) is not None),
-            P.GETMANY: (1, lambda peer, rid, keys: backend.get_many(keys)),
+            P.GET: (1, self._get),
+            P.HAS: (1, lambda peer, rid, key: self._get(peer, rid, key) is not None),
+            P.GETMANY: (1, self._get_many),
             P.LEN: (0, lambda peer, rid: backend.count()),
             P.SCAN: (8, self._scan),
             P.COMPACT: (0, lambda peer, rid: backend.compact()),
@@ -221,11 +309,11 @@ class Dispatcher:
         }
 
     def call(self, peer: Peer, op: int, rid: int, args: Any) -> Any:
-        entry = self._ops.get(op)
+        entry = self._ops.get(op) if type(op) is int else None
         if entry is None:
-            raise ProtocolError(f"unknown operation {op}")
+            raise ProtocolError(f"unknown operation {_brief(op)}")
         arity, fn = entry
-        if len(args) != arity:
+        if not isinstance(args, (list, tuple)) or len(args) != arity:
             raise ProtocolError(f"{P.OP_NAMES[op]} takes {arity} arguments")
         return fn(peer, rid, *args)
 
@@ -256,65 +344,87 @@ class Dispatcher:
         # and died before answering): never apply it twice.
         return rid <= peer.applied
 
-    def _put(self, peer: Peer, rid: int, key: bytes, value: bytes, sync: bool) -> None:
+    def _get(self, peer: Peer, rid: int, key: Any) -> bytes | None:
+        _check_key(key)
+        return self.backend.get(key)
+
+    def _get_many(self, peer: Peer, rid: int, keys: Any) -> list[bytes | None]:
+        if type(keys) is not list:
+            raise ProtocolError("getmany wants a list of keys")
+        for key in keys:
+            _check_key(key)
+        out: list[bytes | None] = []
+        total = 0
+        for key in keys:  # one by one: the same big value asked for many times is a
+            value = self.backend.get(key)  # request for unbounded memory
+            if value is not None:
+                total += len(value)
+                if total > P.MAX_BATCH_BYTES:
+                    raise P.too_big("a getmany answer", total, P.MAX_BATCH_BYTES,
+                                    "MAX_BATCH_BYTES")
+            out.append(value)
+        return out
+
+    def _put(self, peer: Peer, rid: int, key: Any, value: Any, sync: Any) -> None:
+        _check_key(key)
+        _check_value(value)
         if not self._duplicate(peer, rid):
-            _check_bytes(key, value)
+            P.check_put(key, value)
             self._apply(peer, rid, [(key, value)], sync)
 
-    def _delete(self, peer: Peer, rid: int, key: bytes, sync: bool) -> bool:
+    def _delete(self, peer: Peer, rid: int, key: Any, sync: Any) -> bool:
+        _check_key(key)
         if self._duplicate(peer, rid):
             # Answer as the original did. Older than the last RECENT_OUTCOMES deletes
             # cannot still be in flight in practice; say it existed.
             return bool(peer.recent.get(rid, True))
-        _check_bytes(key)
         existed = self.backend.get(key) is not None
         return bool(self._apply(peer, rid, [(key, None)] if existed else [], sync, existed))
 
-    def _clear(self, peer: Peer, rid: int, sync: bool) -> None:
+    def _clear(self, peer: Peer, rid: int, sync: Any) -> None:
         if not self._duplicate(peer, rid):
             self._apply(peer, rid, self.backend.clear_ops(), sync)
 
-    def _batch(self, peer: Peer, rid: int, flat: list[Any], sync: bool) -> None:
-        if self._duplicate(peer, rid):
-            return
-        if not isinstance(flat, list) or len(flat) % 2:
+    def _batch(self, peer: Peer, rid: int, flat: Any, sync: Any) -> None:
+        if type(flat) is not list or len(flat) % 2:
             raise ProtocolError("batch wants a flat list of key, value pairs")
         ops = list(zip(flat[::2], flat[1::2], strict=True))
         for key, value in ops:
-            _check_bytes(key) if value is None else _check_bytes(key, value)
-        self._apply(peer, rid, ops, sync)
+            _check_key(key)
+            if value is not None:
+                _check_value(value)
+        if not self._duplicate(peer, rid):
+            P.check_batch(ops)
+            self._apply(peer, rid, ops, sync)
 
-    def _scan(self, peer: Peer, rid: int, lo: bytes | None, lo_incl: bool,
-              hi: bytes | None, hi_incl: bool, reverse: bool, keys_only: bool,
-              limit: int, max_bytes: int) -> list[Any]:
-        items, more = self.backend.scan((lo, bool(lo_incl), hi, bool(hi_incl)),
-                                        bool(reverse), bool(keys_only), int(limit),
-                                        int(max_bytes))
+    def _scan(self, peer: Peer, rid: int, lo: Any, lo_incl: Any, hi: Any, hi_incl: Any,
+              reverse: Any, keys_only: Any, limit: Any, max_bytes: Any) -> list[Any]:
+        rng = (_check_bound(lo), bool(lo_incl), _check_bound(hi), bool(hi_incl))
+        # Clamped: a page is built in memory whole, whatever the follower asked for.
+        limit = min(max(_check_int(limit, "a page size"), 1), P.MAX_PAGE_ITEMS)
+        max_bytes = min(max(_check_int(max_bytes, "a page size"), 1), P.MAX_PAGE_BYTES)
+        items, more = self.backend.scan(rng, bool(reverse), bool(keys_only), limit, max_bytes)
         self._seam("mid_scan")
         return [items, more]
 
 
-
-class _ProtocolViolation(Exception):
-    def __init__(self, rid: int | None, message: str) -> None:
-        super().__init__(message)
-        self.rid = rid
+def _check_key(key: Any) -> None:
+    if type(key) is not bytes:
+        raise ProtocolError(f"keys must be bytes on the wire, not {type(key).__name__}")
 
 
-def _check_bytes(*items: Any) -> None:
-    for item in items:
-        if type(item) is not bytes:
-            raise TypeError(f"keys and values must be bytes on the wire, not "
-                            f"{type(item).__name__}")
+def _check_value(value: Any) -> None:
+    if type(value) is not bytes:
+        raise ProtocolError(f"values must be bytes on the wire, not {type(value).__name__}")
 
 
-def _groups_of(uid: int) -> set[int]:
-    try:
-        import pwd
-
-        entry = pwd.getpwuid(uid)
-        return set(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    except (KeyError, OSError):
-        return set()
+def _check_int(value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise ProtocolError(f"{what} must be an integer, not {type(value).__name__}")
+    return value
 
 
+def _check_bound(value: Any) -> bytes | None:
+    if value is not None:
+        _check_key(value)
+    return value  # type: ignore[no-any-return]

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
+import stat
 import struct
 import time
 
 Socket = socket.socket
+DONTWAIT = socket.MSG_DONTWAIT
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def listen(address: str | bytes, file_mode: int) -> socket.socket:
     """Bind and listen. The socket file gets the database files' permission bits, so
-    it is no wider than the database itself."""
+    it is no wider than the database itself.
+
+    The bits are set on the socket before bind() (Linux creates the file from them,
+    minus the umask): the file is never wider, not even for an instant, and nothing
+    is ever chmod()ed by path, which would follow a symlink swapped in after bind."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        os.fchmod(sock.fileno(), file_mode & 0o666)
         sock.bind(address)
-        if isinstance(address, str):
-            os.chmod(address, file_mode & 0o666)
         sock.listen(128)
     except BaseException:
         sock.close()
@@ -35,7 +41,21 @@ SLICE = 0.1
 _TIMEVAL = struct.Struct("ll")
 
 
+class Refused(ConnectionRefusedError):
+    """We will not talk to what is at the leader's address (see its message)."""
+
+
+class NotASocket(Refused):
+    """What sits at the socket path is not a socket (a symlink, a regular file...)."""
+
+
 def connect(address: str | bytes, timeout: float | None) -> socket.socket:
+    """Connect to a leader. A path that is not a socket itself (a symlink to one
+    included) is refused without connecting: connect() would follow it."""
+    if isinstance(address, str):
+        mode = os.lstat(address).st_mode  # FileNotFoundError: no leader there
+        if not stat.S_ISSOCK(mode):
+            raise NotASocket(errno.ECONNREFUSED, f"not a socket ({_kind(mode)})", address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -48,6 +68,50 @@ def connect(address: str | bytes, timeout: float | None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return f"file type {stat.S_IFMT(mode):o}"
+
+
+def serve_options(sock: socket.socket) -> None:
+    """A leader's end of a connection: sends give up after SLICE (then send_stalling
+    decides), receives block (the handler waits for requests as long as it takes)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, int(SLICE * 1e6)))
+
+
+def send_stalling(sock: socket.socket, data: bytes, stall: float) -> None:
+    """sendall() that raises TimeoutError when the peer has taken no byte for `stall`
+    seconds (it stopped reading). A slow reader that keeps reading is fine."""
+    view = memoryview(data)
+    deadline = time.monotonic() + stall
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the peer took no data for {stall}s") from None
+            continue
+        view = view[sent:]
+        deadline = time.monotonic() + stall
+
+
+def readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether `sock` has data (or EOF) within `timeout` seconds."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return bool(poller.poll(max(end - time.monotonic(), 0) * 1000))
+        except InterruptedError:
+            continue
 
 
 def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
@@ -83,6 +147,20 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+_MAX_GROUPS = 256  # Python caps getsockopt buffers at 1024 bytes
+
+
+def peer_groups(sock: socket.socket) -> set[int] | None:
+    """The supplementary groups of the process at the other end when it connected
+    (Linux SO_PEERGROUPS), or None where the kernel cannot tell."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_GROUPS)
+    except OSError:
+        return None
+    return set(struct.unpack(f"{len(raw) // 4}I", raw))
 
 
 def peer_open(sock: socket.socket) -> bool:
