@@ -21,6 +21,7 @@ from . import _transfer as T
 from ._errors import error
 from ._mapping import PartyDBM
 from ._open import open as party_open
+from ._open import repair
 from ._transfer import CliError
 
 DB_HELP = "the partydbm database (a directory)"
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a non-empty DEST of the same kind; refused without it")
 
     p = add("compact", cmd_compact, "compact the database (LevelDB compaction)")
+    p.add_argument("path", metavar="PATH", help=DB_HELP)
+    p = add("repair", cmd_repair, "repair a damaged database with LevelDB's repair (keeps "
+            "every record it can still read); refused while any process has it open")
     p.add_argument("path", metavar="PATH", help=DB_HELP)
     p = add("serve", cmd_serve, "stay open as a dedicated leader until SIGINT/SIGTERM "
             "(waits as a follower, and takes over, if another process leads)")
@@ -304,6 +308,14 @@ def cmd_compact(args: argparse.Namespace) -> int:
         db.reorganize()
         after = disk_usage(db.name)
     print(f"compacted {args.path}: {F.human_size(before)} -> {F.human_size(after)}")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    repair(args.path)
+    with _open(args, "r") as db:
+        n = len(db)
+    print(f"repaired {args.path}: {n} keys readable")
     return 0
 
 

@@ -33,7 +33,7 @@ from ._backend import Backend, LockHeld, LockTainted, Range, open_db
 from ._client import Connection, Slot
 from ._election import LockFile, socket_address
 from ._errors import ClosedError, LeaderLostError, Timeout, error
-from ._server import Dispatcher, Peer, Server
+from ._server import Dispatcher, Observer, Peer, Server
 
 _registry = threading.RLock()
 _engines: dict[str, Engine] = {}
@@ -134,6 +134,7 @@ class Engine:
         self._cond = threading.Condition(threading.RLock())
         self._started = False
         self._server: Server | None = None
+        self._observer: Observer | None = None  # given to each server this engine starts
         self._conn: Connection | None = None
         self._rerouting = False
         self._lock_won = False
@@ -153,6 +154,18 @@ class Engine:
             return os.getpid()
         conn = self._conn
         return conn.leader_pid if conn is not None else 0
+
+    def observe(self, observer: Observer | None) -> int:
+        """Have `observer(event, pid, count)` told of followers connecting ("connected")
+        and leaving ("left") while this process leads, now and after any takeover.
+        Returns how many followers are connected now (0 when following)."""
+        with self._cond:
+            self._observer = observer
+            server = self._server
+            if server is None:
+                return 0
+            server.observer = observer
+            return server.followers()
 
     def route_alive(self) -> bool:
         """Whether the current route is still up (a cheap check, no round trip)."""
@@ -200,7 +213,7 @@ class Engine:
                 except Exception as exc:
                     slot.finish(exc=exc)
             backend.prune_applied()
-            server = Server(backend, self.address, self.path)
+            server = Server(backend, self.address, self.path, self._observer)
             server.start()
         except BaseException:
             backend.close()

@@ -61,9 +61,16 @@ def _crash_point() -> tuple[str, int] | None:
     return point, int(n or 1)
 
 
+Observer = Callable[[str, int, int], None]  # (event, follower pid, followers connected)
+
+
 class Server:
-    def __init__(self, backend: Backend, address: str | bytes, db_path: str) -> None:
+    def __init__(self, backend: Backend, address: str | bytes, db_path: str,
+                 observer: Observer | None = None) -> None:
         self.backend = backend
+        # Told "connected"/"left" for each follower that passed the access check (from the
+        # connection's thread, outside the server's lock); it must not block.
+        self.observer = observer
         self.address = address
         self.db_path = db_path
         self._lock = threading.Lock()
@@ -143,6 +150,7 @@ class Server:
         peer = Peer()
         decoder = P.Decoder()
         pack = P.packer()
+        observed = False
         try:
             _sockets.serve_options(sock)
             peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
@@ -151,6 +159,7 @@ class Server:
                 _send(sock, P.pack([0, False, ["error",
                       f"uid {peer.uid} may not read and write {self.db_path!r}"]]))
                 return
+            observed = self._notify("connected", peer.pid)
             while self._serve_some(sock, peer, decoder, pack):
                 pass
         except OSError:
@@ -162,6 +171,23 @@ class Server:
                 self._conns.discard(sock)
                 self._threads.discard(threading.current_thread())
             _sockets.hang_up(sock)
+            if observed:
+                self._notify("left", peer.pid)
+
+    def followers(self) -> int:
+        """How many follower connections are open."""
+        with self._lock:
+            return len(self._conns)
+
+    def _notify(self, event: str, pid: int) -> bool:
+        observer = self.observer
+        if observer is None:
+            return False
+        try:
+            observer(event, pid, len(self._conns))
+        except Exception:
+            pass  # an observer's bug must not take a follower's connection down
+        return True
 
     def _serve_some(self, sock: _sockets.Socket, peer: Peer, decoder: P.Decoder,
                     pack: Callable[[Any], bytes]) -> bool:

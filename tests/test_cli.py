@@ -523,6 +523,28 @@ def test_compact_keeps_the_data(dbpath: Path) -> None:
     assert contents(dbpath) == {k: v for i, (k, v) in enumerate(data.items()) if i % 2}
 
 
+def test_repair_brings_back_a_database_whose_CURRENT_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    data = {b"%05d" % i: b"v%d" % i for i in range(3000)}
+    fill(path, data)
+    ok("compact", path)  # the keys now live in table files
+    (path / "CURRENT").unlink()
+    fails(1, "get", path, "00001", says="CURRENT")
+    r = ok("repair", path)
+    assert r.stdout.decode().strip() == f"repaired {path}: 3000 keys readable"
+    assert contents(path) == data
+
+
+def test_repair_is_refused_while_another_process_has_the_database_open(
+        tmp_path: Path, holder: Holder) -> None:
+    path = tmp_path / "db"
+    fill(path, {b"k": b"v"})
+    assert holder.open(path, "c") == "leader"
+    fails(1, "repair", path, says=str(holder.pid))
+    fails(1, "repair", tmp_path / "missing", says="No such partydbm database")
+    assert contents(path) == {b"k": b"v"}
+
+
 # -- serve ---------------------------------------------------------------------------------------
 class Serve:
     """A `partydbm serve` process whose stderr log is read line by line, with deadlines."""
@@ -571,7 +593,11 @@ def test_serve_leads_until_signalled_and_a_follower_carries_on(tmp_path: Path,
         serve.expect(r"leading .* on .*partydbm\.sock")
         with Holder() as follower:
             assert follower.open(path) == "follower"
-            serve.expect(rf"follower pid {follower.pid} connected")
+            serve.expect(rf"follower pid {follower.pid} connected \(1 connected\)")
+            with Holder() as passing:
+                assert passing.open(path) == "follower"
+                serve.expect(rf"follower pid {passing.pid} connected \(2 connected\)")
+            serve.expect(rf"follower pid {passing.pid} left \(1 connected\)")
             follower.put(path, b"before", b"1")
             assert serve.stop(sig) == 0
             assert any("closed" in line for line in serve.log), serve.log
