@@ -89,9 +89,13 @@ class Server:
         t = threading.Thread(target=self._accept_loop, name="partydbm-accept", daemon=True)
         t.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self) -> None:
         """Stop accepting, unlink the socket (still under the LOCK), hang up on every
-        follower (they fail over) and wait for handlers to leave the backend."""
+        follower (they fail over) and wait for every handler to leave the backend.
+
+        The wait has no timeout on purpose: after the hang-ups a handler can only still
+        be inside a LevelDB call (a large batch on a slow disk), and closing the database
+        under it could corrupt it or crash the process."""
         with self._lock:
             self._closing = True
             listener, self._listener = self._listener, None
@@ -104,7 +108,7 @@ class Server:
             _sockets.hang_up(sock)
         for t in threads:
             if t is not threading.current_thread():
-                t.join(timeout)
+                t.join()
 
     def forget_after_fork(self) -> None:
         """In a forked child: close our copies of the fds, end nothing for the parent."""
