@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from . import _formats as F
 from . import _transfer as T
+from ._election import shown_address
 from ._errors import error
 from ._mapping import PartyDBM
 from ._open import open as party_open
@@ -373,8 +374,7 @@ def info(db: PartyDBM) -> dict[str, Any]:
         "path": db.name,
         "role": "leader" if backend is not None else "follower",
         "leader_pid": engine.leader_pid,
-        # Abstract-namespace addresses shown as ss(8) does: '@' for the leading NUL.
-        "socket": address if isinstance(address, str) else "@" + address[1:].decode(),
+        "socket": shown_address(engine.path, address),
         "keys": len(db),
         "size_bytes": disk_usage(db.name),
         "leveldb_stats": stats,

@@ -27,14 +27,51 @@ def lock_path(db_path: str) -> str:
     return os.path.join(db_path, "LOCK")
 
 
+_DIR_FDS: dict[str, int] = {}  # real path of a deep database -> an O_PATH fd on it
+_DIR_FDS_LOCK = threading.Lock()
+_VIA_FD = "/proc/self/fd/"
+
+
 def socket_address(db_path: str) -> str | bytes:
-    """The leader's address: a file in the database directory, or, when that path is
-    too long for AF_UNIX, a Linux abstract-namespace name derived from the real path."""
+    """The leader's address: the socket file `partydbm.sock` in the database directory.
+
+    When that path is too long for AF_UNIX (107 bytes), the same file is reached through
+    /proc/self/fd/N/partydbm.sock, N an O_PATH descriptor on the directory that this
+    process keeps (one per deep database, close-on-exec, inherited by fork with the same
+    number): the socket stays inside the directory and its permissions, and no other
+    user can squat the address. Only without /proc does it fall back to a Linux
+    abstract-namespace name derived from the real path (any local user could bind that
+    name first; followers then refuse to talk to it, see _engine)."""
     path = os.path.join(db_path, SOCKET_NAME)
     if len(os.fsencode(path)) <= MAX_UNIX_PATH:
         return path
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(db_path))).hexdigest()[:40]
+    real = os.path.realpath(db_path)
+    with _DIR_FDS_LOCK:
+        fd = _DIR_FDS.get(real)
+        if fd is None:
+            try:
+                fd = os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            if fd >= 0 and not os.path.isdir(f"{_VIA_FD}{fd}"):
+                os.close(fd)  # no /proc
+                fd = -1
+            if fd >= 0:
+                _DIR_FDS[real] = fd
+    if fd >= 0:
+        return f"{_VIA_FD}{fd}/{SOCKET_NAME}"
+    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:40]
     return b"\0partydbm-" + digest.encode()
+
+
+def shown_address(db_path: str, address: str | bytes) -> str:
+    """The address as a person can find it: the socket file's real path (not the
+    process-local /proc/self/fd/N/...), an abstract name with '@' as ss(8) shows it."""
+    if isinstance(address, bytes):
+        return "@" + address[1:].decode()
+    if address.startswith(_VIA_FD):
+        return os.path.join(os.path.realpath(db_path), SOCKET_NAME)
+    return address
 
 
 def remove_stale_socket(address: str | bytes) -> None:

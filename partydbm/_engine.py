@@ -31,7 +31,7 @@ from . import _protocol as P
 from . import _sockets
 from ._backend import Backend, LockHeld, LockTainted, Range, open_db
 from ._client import Connection, Slot
-from ._election import LockFile, socket_address
+from ._election import LockFile, shown_address, socket_address
 from ._errors import ClosedError, LeaderLostError, Timeout, error
 from ._server import Dispatcher, Observer, Peer, Server
 
@@ -361,9 +361,10 @@ class Engine:
             return Timeout(
                 f"no partydbm leader answered for {self.path!r} in time, and no process "
                 "holds LevelDB's LOCK now (the leader changed while we waited: try again)")
+        where = shown_address(self.path, self.address)
         return Timeout(
             f"no partydbm leader answered for {self.path!r} in time: LevelDB's LOCK is "
-            f"held by process {pid}, which does not answer on {self.address!r} (a plain "
+            f"held by process {pid}, which does not answer on {where!r} (a plain "
             "LevelDB user, a hung leader, or a leader still starting)")
 
     def _ensure_helper(self) -> None:

@@ -16,6 +16,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from ._election import shown_address
 from ._open import open as party_open
 
 POLL = 0.2
@@ -72,7 +73,7 @@ def _watch(db: Any, stop: threading.Event, verbose: bool) -> None:
             now_leader = engine.leader_pid
             if now_role != role or now_leader != leader:
                 if now_role == "leader":
-                    log(f"leading {db.name} on {_address(engine.address)}")
+                    log(f"leading {db.name} on {shown_address(engine.path, engine.address)}")
                     if verbose:  # (again after a takeover: a new server, same observer)
                         log(f"{engine.observe(observer)} followers connected")
                 else:
@@ -86,7 +87,3 @@ def _watch(db: Any, stop: threading.Event, verbose: bool) -> None:
                 return
     finally:
         engine.observe(None)
-
-
-def _address(address: str | bytes) -> str:
-    return address if isinstance(address, str) else "@" + address[1:].decode()

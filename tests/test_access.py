@@ -260,12 +260,13 @@ print("received", got[1], "bytes in", got[0], "connections", flush=True)
 
 
 @needs_root
-@pytest.mark.parametrize("where", ["socket-file", "abstract"])
+@pytest.mark.parametrize("where", ["socket-file", "deep"])
 def test_a_follower_never_talks_to_a_socket_served_by_a_user_who_could_not_use_the_files(
         party: Party, base: Path, where: str) -> None:
-    """A plain LevelDB user holds the LOCK (no partydbm leader), and nobody serves the
-    leader's address: at the socket path (planted there), or squatting the abstract
-    name of a deep database. A follower must not send it a byte."""
+    """A plain LevelDB user holds the LOCK (no partydbm leader), and a socket served by
+    another user is planted where the leader's goes: in the directory, also for a
+    database too deep for a socket path (reached through /proc/self/fd). A follower
+    must not send it a byte."""
     if where == "socket-file":
         path = base / "db"
     else:
@@ -277,19 +278,15 @@ def test_a_follower_never_talks_to_a_socket_served_by_a_user_who_could_not_use_t
     holder = party.spawn("plain_leveldb", path)
     assert holder.expect("ready") == ""
     address = socket_address(str(path))
-    if where == "socket-file":
-        assert isinstance(address, str)
-        nobody_dir = base / "nobody"
-        nobody_dir.mkdir()
-        os.chown(nobody_dir, NOBODY, NOBODY)
-        bind_at: str | bytes = str(nobody_dir / "s")
-    else:
-        assert isinstance(address, bytes)
-        bind_at = address
+    assert isinstance(address, str)
+    assert address.startswith("/proc/self/fd/") == (where == "deep")
+    nobody_dir = base / "nobody"
+    nobody_dir.mkdir()
+    os.chown(nobody_dir, NOBODY, NOBODY)
+    bind_at = str(nobody_dir / "s")
     squatter = party.python(SQUATTER, os.fsencode(bind_at).hex())
     assert squatter.expect("listening") == ""
-    if where == "socket-file":
-        os.rename(bind_at, address)  # planted where the leader's socket goes
+    os.rename(bind_at, path / SOCK)  # planted where the leader's socket goes
     with pytest.raises(partydbm.Timeout) as info:
         partydbm.open(path, timeout=1.5)
     assert "could not read and write" in str(info.value), info.value

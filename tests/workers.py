@@ -201,6 +201,7 @@ def plain_leveldb(path: str) -> None:
 def uid_probe(uid: str, path: str, address_hex: str) -> None:
     """Drop to `uid` and try the database through the API and through the raw socket."""
     from partydbm import _protocol as P
+    from partydbm._election import socket_address
 
     address: str | bytes = bytes.fromhex(address_hex)
     if not address.startswith(b"\0"):
@@ -208,6 +209,8 @@ def uid_probe(uid: str, path: str, address_hex: str) -> None:
     os.setgroups([])
     os.setgid(int(uid))
     os.setuid(int(uid))
+    if not address:  # the way partydbm itself reaches a deep database's socket
+        address = socket_address(path)
     out: dict[str, Any] = {"uid": os.getuid()}
     try:
         handle = partydbm.open(path, "w", timeout=2)
