@@ -108,8 +108,12 @@ def _forget_lockfile(path: str, lockfile: LockFile) -> None:
 def _lock_acquired(path: str, lockfile: LockFile) -> None:
     """Called by a LockFile's waiter thread when this process got the LOCK."""
     with _registry:
+        if lockfile.fd < 0:
+            # Closed between the grant and this call (release() saw no waiter left, or
+            # retire()): closing the fd gave the lock back already; it is no one's here.
+            return
         if lockfile.retired:  # a lock on a deleted LOCK file: it guards nothing
-            os.close(lockfile.fd)
+            lockfile.close()
             return
         engine = _engines.get(path)
         if engine is None or _shutting_down:

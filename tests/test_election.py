@@ -25,6 +25,8 @@ from mp_util import (
     leaders_of,
 )
 
+import partydbm
+
 pytestmark = pytest.mark.multiprocess
 
 SOCK = "partydbm.sock"
@@ -317,3 +319,27 @@ def test_another_uid_is_refused_with_a_partydbm_error(party: Party) -> None:
         assert result["api_error_is_partydbm_error"] is True, result["api"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- the lock waiter's callback ----------------------------------------------------------
+@pytest.mark.parametrize("how", ["closed", "retired"])
+def test_a_lock_granted_to_a_lockfile_closed_meanwhile_is_dropped_quietly(
+        tmp_path: Path, how: str) -> None:
+    """The race behind a crash of the waiter thread under load: the waiter got the LOCK,
+    then release() closed the LockFile (it saw no waiter left) before the callback ran.
+    The close gave the lock back; the callback must not touch the closed fd."""
+    from partydbm import _engine
+    from partydbm._election import LockFile
+
+    path = str(tmp_path / "db")
+    partydbm.open(path, "c").close()
+    lockfile = LockFile(path)
+    assert lockfile.try_lock()
+    if how == "closed":
+        lockfile.close()
+    else:
+        lockfile.retire()
+    _engine._lock_acquired(path, lockfile)  # raised ValueError (fd -1) before
+    assert lockfile.fd == -1
+    with partydbm.open(path, "c") as db:  # the lock really is free
+        assert db.is_leader
