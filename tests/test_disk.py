@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,8 +32,15 @@ class Tmpfs:
         self.mnt = mnt
 
     def remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.mnt)], check=True,
-                       capture_output=True, timeout=30)
+        """Remount with `options`; retried a few times, as mount(8) can fail transiently
+        while another mount on the machine holds its lock."""
+        for attempt in range(5):
+            done = subprocess.run(["mount", "-o", f"remount,{options}", str(self.mnt)],
+                                  capture_output=True, text=True, timeout=30)
+            if done.returncode == 0:
+                return
+            time.sleep(0.2 * (attempt + 1))
+        raise AssertionError(f"remount,{options} failed: {done.stderr.strip()}")
 
 
 @pytest.fixture
