@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 from . import _backend as B
 from . import _engine as E
@@ -79,49 +81,55 @@ def repair(file: str | os.PathLike[str]) -> None:
 
     Refuses with partydbm.error (EBUSY) while any process has the database open: it
     takes LevelDB's LOCK first, as a leader would, and repairs only while holding it."""
+    shown, path = _resolve(file)
+    with _os_errors("repair", shown):
+        if not _is_db(path):
+            _no_db(path, shown)
+        E.exclusively(path, lambda: B.repair(path))
+
+
+def _resolve(file: Any) -> tuple[Any, str]:
+    """(the path as the caller gave it, for messages; its real path)."""
     shown = os.fspath(file)
     if not shown:
         raise error(errno.ENOENT, "an empty path names no database", shown)
-    path = os.path.realpath(os.fsdecode(shown))
-    if not _is_db(path):
-        if os.path.exists(path):
-            raise error(errno.EINVAL, "Not a partydbm database", shown)
-        raise error(errno.ENOENT, "No such partydbm database", shown)
+    return shown, os.path.realpath(os.fsdecode(shown))
+
+
+def _no_db(path: str, shown: Any) -> NoReturn:
+    if os.path.exists(path):
+        raise error(errno.EINVAL, "Not a partydbm database", shown)
+    raise error(errno.ENOENT, "No such partydbm database", shown)
+
+
+@contextlib.contextmanager
+def _os_errors(doing: str, shown: Any) -> Iterator[None]:
+    """Every OSError (permissions and the like) leaves as a partydbm.error."""
     try:
-        E.exclusively(path, lambda: B.repair(path))
+        yield
     except error:
         raise
     except OSError as exc:
-        raise error(exc.errno, f"cannot repair partydbm database: {exc.strerror or exc}",
-                    shown) from exc
+        raise error(exc.errno, f"cannot {doing} partydbm database: "
+                    f"{exc.strerror or exc}", shown) from exc
 
 
 def open(file: Any, flag: str = "c", mode: int = 0o666, *, retry: bool = True,
          timeout: float | None = 10.0) -> PartyDBM:
     """Open (or create) the partydbm database at `file`; see CONTRACT.md."""
     kind, sync = _parse_flag(flag)
-    shown = os.fspath(file)
-    if not shown:
-        raise error(errno.ENOENT, "an empty path names no database", shown)
-    path = os.path.realpath(os.fsdecode(shown))
+    shown, path = _resolve(file)
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be None or >= 0")
-    try:
+    with _os_errors("open", shown):
         return _open(path, shown, kind, sync, mode, retry, timeout)
-    except error:
-        raise
-    except OSError as exc:  # permissions and the like: still a partydbm.error
-        raise error(exc.errno, f"cannot open partydbm database: {exc.strerror or exc}",
-                    shown) from exc
 
 
 def _open(path: str, shown: Any, kind: str, sync: bool, mode: int, retry: bool,
           timeout: float | None) -> PartyDBM:
     if not _is_db(path):
         if kind in "rw":
-            if os.path.exists(path):
-                raise error(errno.EINVAL, "Not a partydbm database", shown)
-            raise error(errno.ENOENT, "No such partydbm database", shown)
+            _no_db(path, shown)
         if os.path.lexists(path) and not os.path.isdir(path):
             if kind != "n":
                 raise error(errno.EEXIST, "exists and is not a partydbm database", shown)
