@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _protocol as P
 from . import _sockets
-from ._election import trusted_leader
+from ._election import may_access
 from ._errors import LeaderLostError, ProtocolError, Timeout, from_wire
 
 RECV_SIZE = 64 * 1024  # larger reads made glibc mmap/munmap per recv
@@ -27,7 +27,7 @@ def _check_leader(sock: _sockets.Socket, address: str | bytes, db_path: str) -> 
     and could forge our reads."""
     try:
         pid, uid, gid = _sockets.peer_credentials(sock)
-        trusted = trusted_leader(db_path, uid, gid, _sockets.peer_groups(sock))
+        trusted = may_access(db_path, uid, gid, _sockets.peer_groups(sock))
     except BaseException:
         _sockets.hang_up(sock)
         raise

@@ -90,9 +90,14 @@ def remove_stale_socket(address: str | bytes) -> None:
 def may_access(db_path: str, uid: int, gid: int, groups: set[int] | None) -> bool:
     """Whether a process with these credentials could read and write the database's
     files itself, judged by the database directory's owner, group and mode the way the
-    kernel would (root always may). `groups`: its supplementary groups, None if unknown
-    (then the account's groups are looked up)."""
-    if uid == 0:
+    kernel would (root and our own uid always may). `groups`: its supplementary groups,
+    None if unknown (then the account's groups are looked up).
+
+    The one rule of the socket, on both ends: a leader serves only followers that could
+    use the files, and a follower talks only to a leader that could (anything else at
+    the address, a socket of another user's or a squatter on an abstract name, would
+    receive our writes and could forge our reads)."""
+    if uid == 0 or uid == os.geteuid():
         return True
     st = os.stat(db_path)
     if uid == st.st_uid:
@@ -112,15 +117,6 @@ def _groups_of(uid: int) -> set[int]:
         return set(os.getgrouplist(entry.pw_name, entry.pw_gid))
     except (KeyError, OSError):
         return set()
-
-
-def trusted_leader(db_path: str, uid: int, gid: int, groups: set[int] | None) -> bool:
-    """Whether a follower may talk to a leader process with these credentials: one that
-    could use the database files itself (our own uid, root, or a user the directory's
-    mode lets read and write). Anything else serving the address (a squatter on the
-    abstract name, a socket of another user's) would receive our writes and forge our
-    reads."""
-    return uid == os.geteuid() or may_access(db_path, uid, gid, groups)
 
 
 class LockFile:

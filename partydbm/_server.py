@@ -159,7 +159,7 @@ class Server:
             _sockets.serve_options(sock)
             peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
             peer.groups = _sockets.peer_groups(sock)
-            if not self._may_access(peer):
+            if not may_access(self.db_path, peer.uid, peer.gid, peer.groups):
                 _send(sock, P.pack([0, False, ["error",
                       f"uid {peer.uid} may not read and write {self.db_path!r}"]]))
                 return
@@ -228,12 +228,6 @@ class Server:
             _send(sock, b"".join(replies))
         return bad is None
 
-    def _may_access(self, peer: Peer) -> bool:
-        """A follower may use the socket only if it could read and write the database
-        files itself (the socket must not widen access)."""
-        return peer.uid == os.geteuid() or may_access(self.db_path, peer.uid, peer.gid,
-                                                       peer.groups)
-
     def _handle(self, peer: Peer, msg: Any, pack: Callable[[Any], bytes]
                 ) -> tuple[bytes, bool]:
         """The reply to one request, and whether the connection must end after it (the
@@ -272,7 +266,7 @@ class Server:
 
 
 def _send(sock: _sockets.Socket, data: bytes) -> None:
-    _sockets.send_stalling(sock, data, P.SEND_TIMEOUT)
+    _sockets.send_all(sock, data, None, P.SEND_TIMEOUT)
 
 
 def _send_quietly(sock: _sockets.Socket, data: bytes) -> None:

@@ -81,25 +81,9 @@ def _kind(mode: int) -> str:
 
 
 def serve_options(sock: socket.socket) -> None:
-    """A leader's end of a connection: sends give up after SLICE (then send_stalling
-    decides), receives block (the handler waits for requests as long as it takes)."""
+    """A leader's end of a connection: sends give up after SLICE (then send_all's
+    stall decides), receives block (the handler waits for requests as long as it takes)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, int(SLICE * 1e6)))
-
-
-def send_stalling(sock: socket.socket, data: bytes, stall: float) -> None:
-    """sendall() that raises TimeoutError when the peer has taken no byte for `stall`
-    seconds (it stopped reading). A slow reader that keeps reading is fine."""
-    view = memoryview(data)
-    deadline = time.monotonic() + stall
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"the peer took no data for {stall}s") from None
-            continue
-        view = view[sent:]
-        deadline = time.monotonic() + stall
 
 
 def readable(sock: socket.socket, timeout: float) -> bool:
@@ -114,9 +98,12 @@ def readable(sock: socket.socket, timeout: float) -> bool:
             continue
 
 
-def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
-    """sendall() that raises TimeoutError at `deadline` (then part of `data` may have
-    been sent: the caller must drop the connection)."""
+def send_all(sock: socket.socket, data: bytes, deadline: float | None,
+             stall: float | None = None) -> None:
+    """sendall() on a socket whose sends give up after SLICE. Raises TimeoutError at
+    `deadline`, or, with `stall`, when the peer has taken no byte for `stall` seconds
+    (it stopped reading; one that keeps reading slowly is fine). Then part of `data`
+    may have been sent: the caller must drop the connection."""
     try:
         sent = sock.send(data)
     except BlockingIOError:
@@ -124,12 +111,18 @@ def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
+    if stall is not None:
+        deadline = time.monotonic() + stall
     while view:
         try:
-            view = view[sock.send(view):]
+            sent = sock.send(view)
         except BlockingIOError:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("the peer stopped reading") from None
+            continue
+        view = view[sent:]
+        if stall is not None and sent:
+            deadline = time.monotonic() + stall
 
 
 def recv_some(sock: socket.socket, size: int, deadline: float | None) -> bytes:
