@@ -24,7 +24,7 @@ from typing import Any
 import plyvel
 
 from ._errors import error
-from ._protocol import pack, unpack
+from ._protocol import pack, too_big, unpack
 
 USER = b"k"
 USER_END = b"l"
@@ -171,17 +171,30 @@ class Backend:
             raise storage_error(exc) from exc
         return True
 
-    def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
-        """Values of many user keys, all read from one snapshot."""
+    def get_many(self, keys: Iterable[bytes], max_bytes: int | None = None
+                 ) -> list[bytes | None]:
+        """Values of many user keys, all read from one snapshot. With `max_bytes`, an
+        answer over that many value bytes raises partydbm.error (EFBIG) as soon as it
+        is (the same big value asked for many times is a request for unbounded memory)."""
+        out: list[bytes | None] = []
+        total = 0
         try:
             snap = self._db.snapshot()
             try:
                 get = snap.get
-                return [get(USER + k) for k in keys]
+                for k in keys:
+                    value = get(USER + k)
+                    if max_bytes is not None and value is not None:
+                        total += len(value)
+                        if total > max_bytes:
+                            raise too_big("a getmany answer", total, max_bytes,
+                                          "MAX_BATCH_BYTES")
+                    out.append(value)
             finally:
                 snap.close()
         except plyvel.Error as exc:
             raise storage_error(exc) from exc
+        return out
 
     # -- writes from followers: applied atomically with their dedup record ------------
     def applied(self, client: bytes) -> tuple[int, dict[int, Any]]:

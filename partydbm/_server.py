@@ -377,17 +377,7 @@ class Dispatcher:
             raise ProtocolError("getmany wants a list of keys")
         for key in keys:
             _check_key(key)
-        out: list[bytes | None] = []
-        total = 0
-        for key in keys:  # one by one: the same big value asked for many times is a
-            value = self.backend.get(key)  # request for unbounded memory
-            if value is not None:
-                total += len(value)
-                if total > P.MAX_BATCH_BYTES:
-                    raise P.too_big("a getmany answer", total, P.MAX_BATCH_BYTES,
-                                    "MAX_BATCH_BYTES")
-            out.append(value)
-        return out
+        return self.backend.get_many(keys, P.MAX_BATCH_BYTES)
 
     def _put(self, peer: Peer, rid: int, key: Any, value: Any, sync: Any) -> None:
         _check_key(key)
