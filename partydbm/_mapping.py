@@ -16,6 +16,7 @@ from ._errors import CLOSED_MESSAGE, READONLY_MESSAGE, ClosedError, ReadOnlyErro
 Key = bytes | str | bytearray | memoryview
 
 UPDATE_CHUNK = 4096  # items per atomic batch in update()
+UPDATE_CHUNK_BYTES = 8 << 20  # ...and bytes of keys and values (well under MAX_BATCH_BYTES)
 GET_MANY_CHUNK = 4096  # keys per request in get_many()
 
 
@@ -150,7 +151,10 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         return _ValuesView(self)
 
     def update(self, other: Any = (), /, **kwds: Any) -> None:
-        """Store many pairs, in atomic chunks of UPDATE_CHUNK (one round trip each)."""
+        """Store many pairs, in atomic chunks of at most UPDATE_CHUNK pairs and
+        UPDATE_CHUNK_BYTES bytes (one round trip each). As with dict.update, when the
+        pairs themselves fail (a bad pair, an iterator that raises), those before it
+        are stored."""
         engine = self._w()
         pairs: Iterable[Any]
         if isinstance(other, Mapping):
@@ -160,13 +164,18 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         else:
             pairs = other
         chunk: list[tuple[bytes, bytes | None]] = []
-        for key, value in itertools.chain(_pairs(pairs), kwds.items()):
-            chunk.append((to_bytes(key), to_bytes(value, "values")))
-            if len(chunk) >= UPDATE_CHUNK:
+        size = 0
+        try:
+            for key, value in itertools.chain(_pairs(pairs), kwds.items()):
+                k, v = to_bytes(key), to_bytes(value, "values")
+                chunk.append((k, v))
+                size += len(k) + len(v)
+                if len(chunk) >= UPDATE_CHUNK or size >= UPDATE_CHUNK_BYTES:
+                    ops, chunk, size = chunk, [], 0  # a failed write is not retried below
+                    engine.batch(ops, self._sync, self)
+        finally:
+            if chunk:
                 engine.batch(chunk, self._sync, self)
-                chunk = []
-        if chunk:
-            engine.batch(chunk, self._sync, self)
 
     def clear(self) -> None:
         """Delete every key, atomically."""

@@ -1,8 +1,8 @@
 """Moving data in and out: dump/load (JSON lines) and import/export (stdlib dbm files).
 
 Everything streams: reads go through range scans or the source's own key iteration,
-writes go out in atomic batches of at most CHUNK_ITEMS items or CHUNK_BYTES bytes, so
-memory stays flat whatever the size of the database.
+writes go through update() (atomic batches bounded in items and bytes), so memory
+stays flat whatever the size of the database.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from ._mapping import PartyDBM
 from ._open import open as party_open
 from ._open import whichdb as party_whichdb
 
-CHUNK_ITEMS = 4096
-CHUNK_BYTES = 8 * 1024 * 1024
 EXPORT_KINDS = ("dumb", "gnu", "ndbm", "sqlite3")
 
 
@@ -32,28 +30,20 @@ class CliError(Exception):
 
 def write_all(db: PartyDBM, pairs: Iterable[tuple[bytes, bytes]], progress: F.Progress
               ) -> int:
-    """Store `pairs` in atomic chunks; returns how many were stored. If reading `pairs`
-    raises, every pair read before is stored first (a load stops at a bad line with
-    everything before it in the database, nothing after)."""
-    batch = db.write_batch()
-    size = written = 0
+    """Store `pairs` with db.update() (atomic chunks bounded in items and bytes);
+    returns how many were stored. If reading `pairs` raises, every pair read before is
+    stored (a load stops at a bad line with everything before it in the database,
+    nothing after)."""
+    def counted() -> Iterator[tuple[bytes, bytes]]:
+        for pair in pairs:
+            yield pair
+            progress.update()
+
     try:
-        for key, value in pairs:
-            batch.put(key, value)
-            size += len(key) + len(value)
-            if len(batch) >= CHUNK_ITEMS or size >= CHUNK_BYTES:
-                n = len(batch)
-                batch.write()
-                written += n
-                progress.update(n)
-                size = 0
+        db.update(counted())
     finally:
-        n = len(batch)
-        batch.write()
-        written += n
-        progress.update(n)
         progress.close()
-    return written
+    return progress.count
 
 
 # -- dump / load -------------------------------------------------------------------------

@@ -422,6 +422,31 @@ def test_get_many_rejects_bad_keys_and_closed_handles(open_db) -> None:
         db.get_many([b"a"])
 
 
+def test_update_of_big_values_spans_batches_under_the_batch_limit(open_db) -> None:
+    """4096 values of 40 kB are 160 MB, over MAX_BATCH_BYTES: update() must cut its
+    chunks by bytes too, not fail on pairs that are each within the limits."""
+    db = open_db()
+    value = b"x" * 40_000
+    db.update((b"%05d" % i, value) for i in range(4096))
+    assert len(db) == 4096
+    assert db[b"04095"] == value
+
+
+def test_update_stores_the_pairs_before_a_failing_source_as_dict_does(open_db) -> None:
+    db = open_db()
+
+    def pairs():
+        yield b"a", b"1"
+        yield b"b", b"2"
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        db.update(pairs())
+    with pytest.raises(TypeError):
+        db.update([(b"c", b"3"), (b"d", 4)])
+    assert contents(db) == {b"a": b"1", b"b": b"2", b"c": b"3"}
+
+
 def test_update_with_a_malformed_pair_raises(open_db) -> None:
     db = open_db()
     with pytest.raises((TypeError, ValueError)):
