@@ -15,11 +15,12 @@ Records under b"m":
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ParamSpec, TypeVar
 
 import plyvel
 
@@ -135,6 +136,21 @@ def storage_error(exc: BaseException, doing: str = "LevelDB failed") -> error:
     return error(code, f"{doing}: {text}{hint}")
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _storage(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """plyvel's errors out of `method` leave as partydbm.error (storage_error)."""
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except plyvel.Error as exc:
+            raise storage_error(exc) from exc
+    return wrapper
+
+
 class Backend:
     """One open LevelDB. Thread-safe as LevelDB is; close() only when no one uses it."""
 
@@ -147,7 +163,8 @@ class Backend:
         self._delete = db.delete
 
     # -- point operations (user keys, unprefixed) -------------------------------------
-    # Every method turns plyvel's errors into partydbm.error (storage_error); the
+    # Every method turns plyvel's errors into partydbm.error (storage_error): these
+    # three inline (the leader's hot path: no wrapper call), the rest by @_storage; the
     # facade's inline raw_get/raw_put callers do the same.
     def get(self, key: bytes) -> bytes | None:
         try:
@@ -171,6 +188,7 @@ class Backend:
             raise storage_error(exc) from exc
         return True
 
+    @_storage
     def get_many(self, keys: Iterable[bytes], max_bytes: int | None = None
                  ) -> list[bytes | None]:
         """Values of many user keys, all read from one snapshot. With `max_bytes`, an
@@ -178,25 +196,23 @@ class Backend:
         is (the same big value asked for many times is a request for unbounded memory)."""
         out: list[bytes | None] = []
         total = 0
+        snap = self._db.snapshot()
         try:
-            snap = self._db.snapshot()
-            try:
-                get = snap.get
-                for k in keys:
-                    value = get(USER + k)
-                    if max_bytes is not None and value is not None:
-                        total += len(value)
-                        if total > max_bytes:
-                            raise too_big("a getmany answer", total, max_bytes,
-                                          "MAX_BATCH_BYTES")
-                    out.append(value)
-            finally:
-                snap.close()
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
+            get = snap.get
+            for k in keys:
+                value = get(USER + k)
+                if max_bytes is not None and value is not None:
+                    total += len(value)
+                    if total > max_bytes:
+                        raise too_big("a getmany answer", total, max_bytes,
+                                      "MAX_BATCH_BYTES")
+                out.append(value)
+        finally:
+            snap.close()
         return out
 
     # -- writes from followers: applied atomically with their dedup record ------------
+    @_storage
     def applied(self, client: bytes) -> tuple[int, dict[int, Any]]:
         raw = self._get(APPLIED + client)
         if raw is None:
@@ -204,6 +220,7 @@ class Backend:
         rid, _when, recent = unpack(raw)
         return int(rid), {r: outcome for r, outcome in recent}
 
+    @_storage
     def write(
         self,
         ops: Iterable[tuple[bytes, bytes | None]],
@@ -225,21 +242,17 @@ class Backend:
         if record is not None:
             client, rid, recent = record
             wb.put(APPLIED + client, pack([rid, time.time(), list(recent.items())]))
-        try:
-            wb.write()
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
+        wb.write()
 
+    @_storage
     def clear_ops(self) -> list[tuple[bytes, bytes | None]]:
         """Deletes for every user key (one atomic batch: a replayed half-clear could
         delete keys others wrote in between)."""
         n = len(USER)
-        try:
-            return [(k[n:], None) for k in self._db.iterator(start=USER, stop=USER_END,
-                                                             include_value=False)]
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
+        return [(k[n:], None) for k in self._db.iterator(start=USER, stop=USER_END,
+                                                         include_value=False)]
 
+    @_storage
     def prune_applied(self, now: float | None = None) -> int:
         """Drop dedup records no retry can still need."""
         cutoff = (time.time() if now is None else now) - APPLIED_TTL
@@ -254,31 +267,32 @@ class Backend:
         return len(stale)
 
     # -- whole-database operations ----------------------------------------------------
+    @_storage
     def count(self) -> int:
         n = 0
-        try:
-            for _ in self._db.iterator(start=USER, stop=USER_END, include_value=False):
-                n += 1
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
+        for _ in self._db.iterator(start=USER, stop=USER_END, include_value=False):
+            n += 1
         return n
 
+    @_storage
     def sync(self) -> None:
-        try:
-            self._put(SYNC_KEY, b"", sync=True)
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
+        self._put(SYNC_KEY, b"", sync=True)
 
+    @_storage
     def compact(self) -> None:
-        try:
-            self._db.compact_range()
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
+        self._db.compact_range()
+
+    @_storage
+    def stats(self) -> str | None:
+        """LevelDB's own statistics (compactions, files per level), as text."""
+        raw = self._db.get_property(b"leveldb.stats")
+        return raw.decode("utf-8", "replace") if raw is not None else None
 
     def close(self) -> None:
         self._db.close()
 
     # -- range scans -------------------------------------------------------------------
+    @_storage
     def scan(
         self, rng: Range, reverse: bool, keys_only: bool, limit: int, max_bytes: int
     ) -> tuple[list[bytes], bool]:
@@ -293,15 +307,12 @@ class Backend:
             lo_incl = True
         if shi < slo or (shi == slo and not (lo_incl and hi_incl)):
             return [], False
-        try:
-            if reverse:
-                items = self._scan_reverse(slo, lo_incl, shi, hi_incl, keys_only)
-            else:
-                items = self._db.iterator(start=slo, stop=shi, include_start=lo_incl,
-                                          include_stop=hi_incl, include_value=not keys_only)
-            return _page(items, keys_only, limit, max_bytes)
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
+        if reverse:
+            items = self._scan_reverse(slo, lo_incl, shi, hi_incl, keys_only)
+        else:
+            items = self._db.iterator(start=slo, stop=shi, include_start=lo_incl,
+                                      include_stop=hi_incl, include_value=not keys_only)
+        return _page(items, keys_only, limit, max_bytes)
 
     def _scan_reverse(
         self, lo: bytes, lo_incl: bool, hi: bytes, hi_incl: bool, keys_only: bool

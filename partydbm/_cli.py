@@ -366,10 +366,7 @@ def info(db: PartyDBM) -> dict[str, Any]:
     assert engine is not None
     address = engine.address
     backend = engine.backend
-    stats: str | None = None
-    if backend is not None:
-        raw = backend._db.get_property(b"leveldb.stats")
-        stats = raw.decode("utf-8", "replace") if raw is not None else None
+    stats = backend.stats() if backend is not None else None
     return {
         "path": db.name,
         "role": "leader" if backend is not None else "follower",
