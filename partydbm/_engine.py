@@ -421,14 +421,6 @@ class Engine:
             return b.get(key) is not None
         return bool(self.call(P.HAS, (key,), h))
 
-    def put(self, key: bytes, value: bytes, sync: bool, h: Policy) -> None:
-        P.check_put(key, value)
-        b = self.backend
-        if b is not None:
-            b.put(key, value, sync)
-        else:
-            self.call(P.PUT, (key, value, sync), h)
-
     def delete(self, key: bytes, sync: bool, h: Policy) -> bool:
         b = self.backend
         if b is not None:
