@@ -113,6 +113,7 @@ class Demo:
                 child.count, child.bad, child.seen = map(int, words[2:5])
 
     def alive(self) -> list[Child]:
+        """Children still running (a killed one was waited for: never among them)."""
         return [c for c in self.children if c.proc.poll() is None]
 
     # -- the display ------------------------------------------------------------------------
@@ -136,16 +137,14 @@ class Demo:
                         if c.proc.pid == holder), f"pid {holder}" if holder else "nobody")
             lines = [f"  {self.elapsed():5.1f}s  LevelDB's LOCK held by {who}   "
                      f"leader kills {len(self.kills)}/{KILLS}"]
-            lines += [self._describe(c, holder) for c in self.children
-                      if not c.killed and c.proc.poll() is None]
+            lines += [self._describe(c, holder) for c in self.alive()]
             sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()
             self.drawn = len(lines)
         else:
-            live = [c for c in self.children if not c.killed and c.proc.poll() is None]
             parts = [f"{c.name}{'*' if c.proc.pid == holder else ''}"
                      + ("" if c.kind == "host" else f" {c.count:,}")
-                     + (" scans" if c.kind == "reader" else "") for c in live]
+                     + (" scans" if c.kind == "reader" else "") for c in self.alive()]
             print(f"  {self.elapsed():5.1f}s  " + " | ".join(parts) + "  (* leads)",
                   flush=True)
 

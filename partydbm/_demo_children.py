@@ -29,19 +29,31 @@ def _role(db: Any) -> str:
     return "leader" if db.is_leader else "follower"
 
 
+class _Status:
+    """Prints a child's status line "S <role> <counts>..." at most every REPORT_EVERY
+    seconds (always when `final`)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.last = 0.0
+
+    def report(self, *counts: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if final or now - self.last >= REPORT_EVERY:
+            print("S", _role(self.db), *counts, flush=True)
+            self.last = now
+
+
 def writer(path: str, wid: int, start: int, until: float) -> int:
     db = party_open(path, "c")
-    i, last = start, 0.0
+    i, status = start, _Status(db)
     while time.time() < until:
         db[key_of(wid, i)] = value_of(wid, i)
         i += 1  # acknowledged: keys 0 .. i-1 are written
         if i % 20 == 0:
             time.sleep(0.002)  # leave CPU for the others: the machine may have 2 cores
-        now = time.monotonic()
-        if now - last >= REPORT_EVERY:
-            print(f"S {_role(db)} {i}", flush=True)
-            last = now
-    print(f"S {_role(db)} {i}", flush=True)
+        status.report(i)
+    status.report(i, final=True)
     db.close()
     return 0
 
@@ -49,7 +61,7 @@ def writer(path: str, wid: int, start: int, until: float) -> int:
 def reader(path: str, until: float) -> int:
     db = party_open(path, "c")
     scans = bad = seen = 0
-    last = 0.0
+    status = _Status(db)
     while time.time() < until:
         reverse = scans % 2 == 1
         problem, seen = _check_scan(db, reverse, until)
@@ -60,11 +72,8 @@ def reader(path: str, until: float) -> int:
             bad += 1
             print(f"BAD scan {scans} ({'reverse' if reverse else 'forward'}): {problem}",
                   flush=True)
-        now = time.monotonic()
-        if now - last >= REPORT_EVERY:
-            print(f"S {_role(db)} {scans} {bad} {seen}", flush=True)
-            last = now
-    print(f"S {_role(db)} {scans} {bad} {seen}", flush=True)
+        status.report(scans, bad, seen)
+    status.report(scans, bad, seen, final=True)
     db.close()
     return 0
 
@@ -95,7 +104,7 @@ def _check_scan(db: Any, reverse: bool, until: float) -> tuple[str | None, int]:
 
 def host(path: str, until: float) -> int:
     db = party_open(path, "c")
-    print(f"S {_role(db)} 0", flush=True)
+    _Status(db).report(0, final=True)
     while time.time() < until:
         time.sleep(0.05)
     db.close()

@@ -130,7 +130,7 @@ def test_1000_connections_coming_and_going_leave_no_fds_threads_or_memory(
     leader.exec("db[b'k'] = b'v'")
     for i in range(100):  # warm-up: caches, first allocations, pools
         _cycle(path, i)
-    before = _settles(leader.pid, _status(leader.pid), slack=10**6)
+    _settles(leader.pid, _status(leader.pid), slack=10**6)
     time.sleep(0.2)
     before = _status(leader.pid)
     for i in range(CYCLES):
