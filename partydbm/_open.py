@@ -41,8 +41,11 @@ def whichdb(file: Any) -> str | None:
 def _create(path: str, mode: int) -> None:
     """Make `path` a partydbm database (several processes may race to do it)."""
     if os.path.isdir(path) and not _is_db(path):
-        leftovers = set(os.listdir(path)) - {"LOCK", "LOG"}
-        if leftovers:
+        # Listed after the check: another process may have created the marker (and then
+        # LevelDB's files) meanwhile. LevelDB's files only ever follow the marker, so a
+        # listing without the marker but with other files is not a database of ours.
+        names = set(os.listdir(path))
+        if MARKER not in names and names - {"LOCK", "LOG"}:
             raise error(errno.EEXIST, "exists and is not a partydbm database", path)
     # Directories need x wherever the mode grants r, or nobody could open the files.
     os.makedirs(path, _dir_bits(mode), exist_ok=True)

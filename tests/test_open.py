@@ -358,3 +358,25 @@ def test_whichdb_is_None_for_anything_else(tmp_path: Path) -> None:
     plyvel.DB(str(tmp_path / "leveldb"), create_if_missing=True).close()
     for name in ("missing", "file", "empty", "dumb", "dumb.dat", "leveldb"):
         assert partydbm.whichdb(tmp_path / name) is None, name
+
+
+def test_creating_while_another_process_just_created_the_database_is_fine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race four processes hit: one sees the directory without the marker, and by
+    the time it lists the directory another has created the marker and LevelDB's files.
+    That is a database of ours, not "exists and is not a partydbm database"."""
+    from partydbm import _open
+
+    path = tmp_path / "db"
+    partydbm.open(path, "c").close()  # the other process's work: marker, CURRENT, ...
+    seen = []
+
+    def not_yet(p: str) -> bool:  # the check ran just before the marker appeared
+        seen.append(p)
+        return len(seen) > 1
+
+    monkeypatch.setattr(_open, "_is_db", not_yet)
+    _open._create(str(path), 0o666)
+    monkeypatch.undo()
+    with partydbm.open(path, "w") as db:
+        assert db.is_leader
