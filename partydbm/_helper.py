@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import sys
 
+from . import _server
 from . import open as party_open
 
 
 def main(argv: list[str]) -> int:
+    _server.SERVE_NICENESS = 0  # serving is all this process does
     db = party_open(argv[0], "w", timeout=None)
     try:
         while sys.stdin.buffer.read(4096):

@@ -19,10 +19,12 @@ import subprocess
 import sys
 from typing import Any
 
+from . import _server
 from . import open as party_open
 
 
 def main() -> int:
+    _server.SERVE_NICENESS = 0  # serving is all this process does
     dbs: dict[str, Any] = {}
     for line in sys.stdin:
         words = line.split()

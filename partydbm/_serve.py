@@ -16,6 +16,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from . import _server
 from ._election import shown_address
 from ._open import open as party_open
 
@@ -32,6 +33,7 @@ def log(message: str) -> None:
 
 
 def serve(path: str, timeout: float | None, verbose: bool) -> int:
+    _server.SERVE_NICENESS = 0  # serving is all this process does
     stop = threading.Event()
     opening = True
 

@@ -11,6 +11,14 @@ leader cannot accept gets an error reply and ends the connection, a half message
 followed by silence ends it after MESSAGE_TIMEOUT, a follower that stops reading its
 replies is dropped after SEND_TIMEOUT, and every handler thread catches what it raises.
 Each connection has its own thread, so a stalled one only ever stalls itself.
+
+The serving threads run below the application's own threads (SERVE_NICENESS). Serving
+needs the GIL several times a request (the read, the LevelDB call and the reply each
+release it); a serving thread woken on the CPU where the application's thread runs
+used to preempt it while it held the GIL, and both then waited for each other's
+wake-ups (the convoy effect). A niced serving thread does not preempt it, and CFS still
+gives it its share of the CPU, so followers are served as fast as before while the
+leader's own operations stop collapsing (bench/: 4 busy processes, README).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import errno
 import os
 import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +45,10 @@ RECENT_OUTCOMES = 64  # delete outcomes kept per follower for replayed deletes
 FLUSH_BYTES = 256 * 1024  # replies to one read are sent in pieces of about this much
 MAX_ERROR_TEXT = 4096  # characters of an error message sent to a follower
 ACCEPT_BACKOFF = 0.05  # seconds between accept() attempts while out of file descriptors
+SERVE_NICENESS = 10
+"""How much nicer than the thread that opened the database the serving threads run
+(Linux: niceness is per thread). A process that exists only to serve (`partydbm serve`,
+the fork helper) sets 0: there is nothing of its own to give way to."""
 
 
 @dataclass
@@ -79,6 +92,7 @@ class Server:
         self._listener: _sockets.Socket | None = None
         self._closing = False
         self.dispatcher = Dispatcher(backend)
+        self.niceness = _own_niceness() + SERVE_NICENESS if SERVE_NICENESS else None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -121,6 +135,7 @@ class Server:
         self._threads = set()
 
     def _accept_loop(self) -> None:
+        _give_way(self.niceness)
         while True:
             listener = self._listener
             if listener is None:
@@ -156,6 +171,7 @@ class Server:
         pack = P.packer()
         observed = False
         try:
+            _give_way(self.niceness)
             _sockets.serve_options(sock)
             peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
             peer.groups = _sockets.peer_groups(sock)
@@ -263,6 +279,24 @@ class Server:
         peer.client = client
         peer.applied, peer.recent = self.backend.applied(client)
         return pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}]), False
+
+
+def _own_niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (OSError, AttributeError):
+        return 0
+
+
+def _give_way(niceness: int | None) -> None:
+    """Run the calling thread (only it, on Linux) at `niceness`. Best effort: where
+    threads have no niceness of their own, or the system refuses, nothing changes."""
+    if niceness is None or sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(niceness, 19))
+    except (OSError, AttributeError):
+        pass
 
 
 def _send(sock: _sockets.Socket, data: bytes) -> None:

@@ -609,6 +609,32 @@ def test_serve_leads_until_signalled_and_a_follower_carries_on(tmp_path: Path,
         serve.kill()
 
 
+def _niceness_of_threads(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            out.append(int(f.read().rsplit(")", 1)[1].split()[16]))  # field 19: nice
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads have their own niceness on Linux")
+def test_serve_does_not_lower_its_serving_threads(tmp_path: Path) -> None:
+    # A process that only serves has nothing of its own to give way to (a library
+    # leader's serving threads run at SERVE_NICENESS: test_multiprocess).
+    path = tmp_path / "db"
+    serve = Serve(path, "--verbose")
+    try:
+        serve.expect(r"leading .* on .*partydbm\.sock")
+        with Holder() as follower:
+            assert follower.open(path) == "follower"
+            serve.expect(rf"follower pid {follower.pid} connected")
+            follower.put(path, b"k", b"v")
+            nice = _niceness_of_threads(serve.proc.pid)
+            assert len(nice) >= 3 and set(nice) == {os.getpriority(os.PRIO_PROCESS, 0)}, nice
+    finally:
+        serve.kill()
+
+
 def test_serve_follows_and_takes_over_when_the_leader_dies(tmp_path: Path) -> None:
     path = tmp_path / "db"
     leader = Holder()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -427,3 +428,34 @@ def test_pipelined_delete_of_a_missing_key_still_raises_after_leader_death(
     assert follower.eval("db.is_leader") is True
     assert out == {"del": "KeyError", "put": "ok"}
     assert follower.eval("dict(db.items())") == {b"x": b"1"}
+
+
+# -- scheduling ------------------------------------------------------------------------------
+NICENESS = """
+import os, threading
+from partydbm._server import SERVE_NICENESS
+def niceness():
+    return {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id)
+            for t in threading.enumerate() if t.native_id is not None}
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads have their own niceness on Linux")
+def test_serving_threads_give_way_to_the_leaders_own_threads(party: Party,
+                                                              tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    leader, follower = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    assert follower.open(path) == "follower"
+    follower.exec("db[b'k'] = b'v'")  # a serving thread exists and has served
+    leader.exec(NICENESS)
+    nice = leader.eval("niceness()")
+    step = leader.eval("SERVE_NICENESS")
+    assert step > 0
+    assert nice["MainThread"] == 0
+    assert nice["partydbm-serve"] == min(step, 19)
+    assert nice["partydbm-accept"] == min(step, 19)
+    # The application's own threads keep theirs, new ones included.
+    leader.exec("t = threading.Thread(target=lambda: None, name='app'); t.start(); t.join()")
+    assert leader.eval("os.getpriority(os.PRIO_PROCESS, threading.get_native_id())") == 0
+    assert follower.eval("db[b'k']") == b"v"
