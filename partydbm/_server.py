@@ -12,13 +12,15 @@ followed by silence ends it after MESSAGE_TIMEOUT, a follower that stops reading
 replies is dropped after SEND_TIMEOUT, and every handler thread catches what it raises.
 Each connection has its own thread, so a stalled one only ever stalls itself.
 
-The serving threads run below the application's own threads (SERVE_NICENESS). Serving
-needs the GIL several times a request (the read, the LevelDB call and the reply each
-release it); a serving thread woken on the CPU where the application's thread runs
-used to preempt it while it held the GIL, and both then waited for each other's
-wake-ups (the convoy effect). A niced serving thread does not preempt it, and CFS still
-gives it its share of the CPU, so followers are served as fast as before while the
-leader's own operations stop collapsing (bench/: 4 busy processes, README).
+The serving threads run below the application's own threads (SERVE_NICENESS) when the
+process may use more than one CPU. Serving needs the GIL several times a request (the
+read, the LevelDB call and the reply each release it); a serving thread woken on the
+CPU where the application's thread runs used to preempt it while it held the GIL, and
+both then waited for each other's wake-ups (the convoy effect). A niced serving thread
+does not preempt it and moves to another CPU instead, so on 2 CPUs followers are served
+as fast as before while the leader's own operations stop collapsing (bench/: 4 busy
+processes, README). On a single CPU there is nowhere else to go: there a niced server
+would get a tenth of the CPU against a busy application, so it keeps its priority.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ FLUSH_BYTES = 256 * 1024  # replies to one read are sent in pieces of about this
 MAX_ERROR_TEXT = 4096  # characters of an error message sent to a follower
 ACCEPT_BACKOFF = 0.05  # seconds between accept() attempts while out of file descriptors
 SERVE_NICENESS = 10
-"""How much nicer than the thread that opened the database the serving threads run
-(Linux: niceness is per thread). A process that exists only to serve (`partydbm serve`,
-the fork helper) sets 0: there is nothing of its own to give way to."""
+"""How much nicer the serving threads run than the thread that takes the lead (Linux:
+niceness is per thread; only with 2 CPUs or more). A process that exists only to serve
+(`partydbm serve`, the fork helper) sets 0: it has nothing of its own to give way to."""
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Server:
         self._listener: _sockets.Socket | None = None
         self._closing = False
         self.dispatcher = Dispatcher(backend)
-        self.niceness = _own_niceness() + SERVE_NICENESS if SERVE_NICENESS else None
+        self.niceness = _serving_niceness()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -281,17 +283,23 @@ class Server:
         return pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}]), False
 
 
-def _own_niceness() -> int:
+def _serving_niceness() -> int | None:
+    """The niceness for this process's serving threads: SERVE_NICENESS above the calling
+    thread's, or None (leave them as they are) on one CPU or where it cannot be known."""
+    if not SERVE_NICENESS or sys.platform != "linux":
+        return None
     try:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        if len(os.sched_getaffinity(0)) < 2:
+            return None
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + SERVE_NICENESS
     except (OSError, AttributeError):
-        return 0
+        return None
 
 
 def _give_way(niceness: int | None) -> None:
     """Run the calling thread (only it, on Linux) at `niceness`. Best effort: where
     threads have no niceness of their own, or the system refuses, nothing changes."""
-    if niceness is None or sys.platform != "linux":
+    if niceness is None:
         return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(niceness, 19))
