@@ -210,8 +210,7 @@ class Connection:
                 self._die(LeaderLostError("the partydbm leader closed the connection"))
                 return
             try:
-                self.decoder.feed(data)
-                for msg in self.decoder.messages():
+                for msg in self.decoder.decode(data):
                     self._dispatch(msg)
             except (P.DecodeError, ProtocolError) as exc:
                 self._die(ProtocolError(f"bad reply from the partydbm leader: {exc}"),

@@ -224,10 +224,13 @@ class Server:
             return False
         bad: P.DecodeError | None = None
         try:
-            decoder.feed(data)
-            msgs = decoder.messages()
+            msgs = decoder.decode(data)
         except P.DecodeError as exc:  # answer what came before the bad frame first
             bad, msgs = exc, exc.messages
+        if len(msgs) == 1 and bad is None:  # one synchronous request: one reply
+            reply, fatal = self._handle(peer, msgs[0], pack)
+            _send(sock, reply)
+            return not fatal
         replies: list[bytes] = []
         size = 0
         for msg in msgs:
@@ -250,6 +253,14 @@ class Server:
                 ) -> tuple[bytes, bool]:
         """The reply to one request, and whether the connection must end after it (the
         request broke the protocol: whatever follows cannot be trusted)."""
+        if (type(msg) is list and len(msg) == 3 and type(msg[0]) is int and msg[0] == P.GET
+                and type(msg[1]) is int and type(msg[2]) is bytes and peer.client is not None):
+            # Most requests are one get: answered without the general dispatch (the
+            # leader's GIL is what every follower and the application queue for).
+            try:
+                return pack([msg[1], True, self.backend.get(msg[2])]), False
+            except Exception as exc:
+                return pack([msg[1], False, _wire(exc)]), False
         if (type(msg) is not list or len(msg) < 2 or type(msg[0]) is not int
                 or type(msg[1]) is not int):
             rid = msg[1] if type(msg) is list and len(msg) > 1 and type(msg[1]) is int else None

@@ -70,6 +70,47 @@ def test_decoder_gives_back_exactly_what_was_packed_however_it_is_cut(
     assert [P.pack(m) for m in out] == [P.pack(m) for m in msgs]  # NaN-proof equality
 
 
+def _stream_outcome(decode: Any, chunks: list[bytes]) -> tuple[list[bytes], str | None]:
+    out: list[bytes] = []
+    for chunk in chunks:
+        try:
+            out.extend(P.pack(m) for m in decode(chunk))
+        except P.DecodeError as exc:
+            return out + [P.pack(m) for m in exc.messages], "DecodeError"
+    return out, None
+
+
+@FUZZ
+@given(msgs=st.lists(values, max_size=4), garbage=st.binary(max_size=40),
+       cuts=st.lists(st.integers(0, 3000), max_size=6))
+def test_decode_in_one_call_is_feed_then_messages(msgs: list[Any], garbage: bytes,
+                                                   cuts: list[int]) -> None:
+    # decode() takes a shortcut for one whole small message: it must never differ from
+    # the stream, on valid frames, cut frames and garbage alike.
+    data = b"".join(P.pack(m) for m in msgs) + garbage
+    chunks = list(_chunks(data, cuts))
+    fast, slow = P.Decoder(), P.Decoder()
+
+    def stream(chunk: bytes) -> list[Any]:
+        slow.feed(chunk)
+        return slow.messages()
+
+    assert _stream_outcome(fast.decode, chunks) == _stream_outcome(stream, chunks)
+    assert fast.pending() == slow.pending()
+
+
+def test_decode_of_one_whole_request_or_several() -> None:
+    one, two = P.pack([P.GET, 1, b"k"]), P.pack([P.GET, 2, b"j"])
+    decoder = P.Decoder()
+    assert decoder.decode(one) == [[P.GET, 1, b"k"]]
+    assert decoder.decode(one + two) == [[P.GET, 1, b"k"], [P.GET, 2, b"j"]]
+    assert decoder.decode(one[:2]) == [] and decoder.pending() == 2
+    assert decoder.decode(one[2:] + two) == [[P.GET, 1, b"k"], [P.GET, 2, b"j"]]
+    assert decoder.pending() == 0
+    with pytest.raises(P.DecodeError):
+        decoder.decode(b"\xc1")  # never valid in msgpack
+
+
 def test_decoder_fed_one_byte_at_a_time_knows_a_half_message() -> None:
     frame = P.pack([P.PUT, 7, b"key", b"value" * 100, False])
     decoder = P.Decoder()
