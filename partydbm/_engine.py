@@ -31,9 +31,10 @@ from . import _protocol as P
 from . import _sockets
 from ._backend import Backend, LockHeld, LockTainted, Range, open_db
 from ._client import Connection, Slot
+from ._dispatch import Dispatcher, Peer
 from ._election import LockFile, shown_address, socket_address
 from ._errors import ClosedError, LeaderLostError, Timeout, error
-from ._server import Dispatcher, Observer, Peer, Server
+from ._server import Observer, Server
 
 _registry = threading.RLock()
 _engines: dict[str, Engine] = {}

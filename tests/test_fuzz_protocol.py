@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import partydbm
 from partydbm import _protocol as P
-from partydbm._server import Dispatcher, Peer, Server
+from partydbm._dispatch import Dispatcher, Peer
+from partydbm._server import Server
 
 FUZZ = settings(max_examples=400, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
