@@ -112,7 +112,7 @@ class Server:
         self._threads = set()
 
     def _accept_loop(self) -> None:
-        _give_way(self.niceness)
+        _give_way(self.niceness)  # the handler threads it starts inherit it (Linux)
         while True:
             listener = self._listener
             if listener is None:
@@ -148,7 +148,6 @@ class Server:
         pack = P.packer()
         observed = False
         try:
-            _give_way(self.niceness)
             _sockets.serve_options(sock)
             peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
             peer.groups = _sockets.peer_groups(sock)
@@ -202,10 +201,6 @@ class Server:
             msgs = decoder.decode(data)
         except P.DecodeError as exc:  # answer what came before the bad frame first
             bad, msgs = exc, exc.messages
-        if len(msgs) == 1 and bad is None:  # one synchronous request: one reply
-            reply, fatal = self._handle(peer, msgs[0], pack)
-            _send(sock, reply)
-            return not fatal
         replies: list[bytes] = []
         size = 0
         for msg in msgs:
@@ -278,18 +273,18 @@ def _serving_niceness() -> int | None:
         if len(os.sched_getaffinity(0)) < 2:
             return None
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + SERVE_NICENESS
-    except (OSError, AttributeError):
+    except OSError:
         return None
 
 
 def _give_way(niceness: int | None) -> None:
-    """Run the calling thread (only it, on Linux) at `niceness`. Best effort: where
-    threads have no niceness of their own, or the system refuses, nothing changes."""
+    """Run the calling thread (only it: Linux) at `niceness`. Best effort: if the system
+    refuses, nothing changes."""
     if niceness is None:
         return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(niceness, 19))
-    except (OSError, AttributeError):
+    except OSError:
         pass
 
 
