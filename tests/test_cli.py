@@ -7,6 +7,7 @@ What a command wrote is checked by opening the database here, not through the CL
 
 from __future__ import annotations
 
+import contextlib
 import dbm
 import dbm.dumb
 import importlib
@@ -585,28 +586,36 @@ class Serve:
             self.proc.stderr.close()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_leads_until_signalled_and_a_follower_carries_on(tmp_path: Path,
-                                                               sig: int) -> None:
-    path = tmp_path / "db"
+@contextlib.contextmanager
+def _serving_one_follower(path: Path) -> Iterator[tuple[Serve, Holder]]:
+    """A verbose `partydbm serve` leading `path`, and a follower it logged connecting;
+    the serve process is killed at the end whatever happened."""
     serve = Serve(path, "--verbose")
     try:
         serve.expect(r"leading .* on .*partydbm\.sock")
         with Holder() as follower:
             assert follower.open(path) == "follower"
             serve.expect(rf"follower pid {follower.pid} connected \(1 connected\)")
-            with Holder() as passing:
-                assert passing.open(path) == "follower"
-                serve.expect(rf"follower pid {passing.pid} connected \(2 connected\)")
-            serve.expect(rf"follower pid {passing.pid} left \(1 connected\)")
-            follower.put(path, b"before", b"1")
-            assert serve.stop(sig) == 0
-            assert any("closed" in line for line in serve.log), serve.log
-            follower.put(path, b"after", b"2")  # it took over
-            assert info_json(path)["leader_pid"] == follower.pid
-            assert contents(path) == {b"before": b"1", b"after": b"2"}
+            yield serve, follower
     finally:
         serve.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_leads_until_signalled_and_a_follower_carries_on(tmp_path: Path,
+                                                               sig: int) -> None:
+    path = tmp_path / "db"
+    with _serving_one_follower(path) as (serve, follower):
+        with Holder() as passing:
+            assert passing.open(path) == "follower"
+            serve.expect(rf"follower pid {passing.pid} connected \(2 connected\)")
+        serve.expect(rf"follower pid {passing.pid} left \(1 connected\)")
+        follower.put(path, b"before", b"1")
+        assert serve.stop(sig) == 0
+        assert any("closed" in line for line in serve.log), serve.log
+        follower.put(path, b"after", b"2")  # it took over
+        assert info_json(path)["leader_pid"] == follower.pid
+        assert contents(path) == {b"before": b"1", b"after": b"2"}
 
 
 def _niceness_of_threads(pid: int) -> list[int]:
@@ -622,17 +631,10 @@ def test_serve_does_not_lower_its_serving_threads(tmp_path: Path) -> None:
     # A process that only serves has nothing of its own to give way to (a library
     # leader's serving threads run at SERVE_NICENESS: test_multiprocess).
     path = tmp_path / "db"
-    serve = Serve(path, "--verbose")
-    try:
-        serve.expect(r"leading .* on .*partydbm\.sock")
-        with Holder() as follower:
-            assert follower.open(path) == "follower"
-            serve.expect(rf"follower pid {follower.pid} connected")
-            follower.put(path, b"k", b"v")
-            nice = _niceness_of_threads(serve.proc.pid)
-            assert len(nice) >= 3 and set(nice) == {os.getpriority(os.PRIO_PROCESS, 0)}, nice
-    finally:
-        serve.kill()
+    with _serving_one_follower(path) as (serve, follower):
+        follower.put(path, b"k", b"v")
+        nice = _niceness_of_threads(serve.proc.pid)
+        assert len(nice) >= 3 and set(nice) == {os.getpriority(os.PRIO_PROCESS, 0)}, nice
 
 
 def test_serve_follows_and_takes_over_when_the_leader_dies(tmp_path: Path) -> None:
