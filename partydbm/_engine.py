@@ -410,21 +410,33 @@ class Engine:
             raise ClosedError("DBM object has already been closed")
         return _LOCAL[op](backend, *args)
 
+    def serve_followers(self) -> None:
+        """On the leader's way into the database: answer what followers have sent, now
+        and then (Server.poll: cheaper than waking a serving thread per request)."""
+        s = self._server
+        if s is not None and s.inline:
+            s.poll()
+
     def get(self, key: bytes, h: Policy) -> bytes | None:
         b = self.backend
         if b is not None:
+            s = self._server
+            if s is not None and s.inline:  # serve_followers(), inlined on the hot path
+                s.poll()
             return b.get(key)
         return self.call(P.GET, (key,), h)  # type: ignore[no-any-return]
 
     def has(self, key: bytes, h: Policy) -> bool:
         b = self.backend
         if b is not None:
+            self.serve_followers()
             return b.get(key) is not None
         return bool(self.call(P.HAS, (key,), h))
 
     def delete(self, key: bytes, sync: bool, h: Policy) -> bool:
         b = self.backend
         if b is not None:
+            self.serve_followers()
             return b.delete(key, sync)
         return bool(self.call(P.DELETE, (key, sync), h))
 
@@ -432,6 +444,7 @@ class Engine:
         P.check_batch(ops)  # in both roles: a handle behaves the same whichever it has
         b = self.backend
         if b is not None:
+            self.serve_followers()
             b.write(ops, sync)
         else:
             flat = [x for op in ops for x in op]
@@ -441,6 +454,7 @@ class Engine:
              h: Policy) -> tuple[list[bytes], bool]:
         b = self.backend
         if b is not None:
+            self.serve_followers()
             return b.scan(rng, reverse, keys_only, limit, max_bytes)
         items, more = self.call(P.SCAN, (*rng, reverse, keys_only, limit, max_bytes), h)
         return items, more
@@ -448,6 +462,7 @@ class Engine:
     def simple(self, op: int, h: Policy, *args: Any) -> Any:
         """len, clear, compact, sync, getmany: local or remote."""
         if self.backend is not None:
+            self.serve_followers()
             return self._local(op, args)
         return self.call(op, args, h)
 

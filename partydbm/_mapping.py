@@ -116,6 +116,7 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             P.check_put(k, v)
         backend = engine.backend
         if backend is not None:
+            engine.serve_followers()
             try:
                 backend.raw_put(USER + k, v, sync=self._sync)
             except StorageError as exc:  # a full disk: partydbm.error naming the cause

@@ -5,6 +5,15 @@ applies them in arrival order and answers in the same order (so writes from one
 follower are applied in the order it issued them). plyvel releases the GIL, so
 connections are served in parallel with the leader's own threads.
 
+While the application keeps calling the database, its own thread answers the small
+requests that have arrived on its way in (Server.poll, at most every INLINE_EVERY) and
+the serving threads park: waking a thread per request costs the busy leader two GIL
+hand-offs and their context switches, more than the request itself. Whoever reads a
+connection holds its lock, so requests stay in order; large or slow requests, a
+message in pieces, and replies the follower does not take at once go back to the
+connection's thread, and when the application stops calling, a watchdog hands every
+connection back within about WATCHDOG_EVERY.
+
 A follower is a process of somebody else's, so nothing it sends may hurt the leader or
 the other followers: frames are bounded (see the limits in _protocol), a request the
 leader cannot accept gets an error reply and ends the connection, a half message
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import stat
 import sys
 import threading
@@ -45,6 +55,14 @@ RECV_SIZE = 64 * 1024  # larger reads made glibc mmap/munmap per recv
 FLUSH_BYTES = 256 * 1024  # replies to one read are sent in pieces of about this much
 MAX_ERROR_TEXT = 4096  # characters of an error message sent to a follower
 ACCEPT_BACKOFF = 0.05  # seconds between accept() attempts while out of file descriptors
+INLINE_EVERY = 50e-6
+"""Seconds between two looks of the application's thread at the followers' sockets
+(Server.poll) while it keeps calling the database."""
+INLINE_BUSY = 200e-6
+"""A serving thread parks while the application's thread looked within this many
+seconds; after that the watchdog hands its connection back to it."""
+WATCHDOG_EVERY = 1e-3  # seconds between the watchdog's checks while a thread is parked
+INLINE_OPS = frozenset({P.GET, P.HAS, P.PUT, P.DELETE})  # small: answered in passing
 SERVE_NICENESS = 10
 """How much nicer the serving threads run than the thread that takes the lead (Linux:
 niceness is per thread; only with 2 CPUs or more). A process that exists only to serve
@@ -52,6 +70,28 @@ niceness is per thread; only with 2 CPUs or more). A process that exists only to
 
 
 Observer = Callable[[str, int, int], None]  # (event, follower pid, followers connected)
+
+
+class _Conn:
+    """One follower's connection. `lock` is held by whoever reads from or writes to it:
+    its serving thread, or an application thread answering in passing (Server.poll).
+    What the one leaves to the other: `outbox` (reply bytes not sent yet), `msgs` and
+    `bad` (requests decoded, not answered; a decode error after them), `end` (over)."""
+
+    __slots__ = ("bad", "decoder", "end", "lock", "msgs", "outbox", "pack", "peer",
+                 "sock", "wake")
+
+    def __init__(self, sock: _sockets.Socket) -> None:
+        self.sock = sock
+        self.peer = Peer()
+        self.decoder = P.Decoder()
+        self.pack = P.packer()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()  # set: the parked serving thread has work
+        self.outbox = b""
+        self.msgs: list[Any] = []
+        self.bad: P.DecodeError | None = None
+        self.end = False
 
 
 class Server:
@@ -70,6 +110,16 @@ class Server:
         self._closing = False
         self.dispatcher = Dispatcher(backend)
         self.niceness = _serving_niceness()
+        # Answering in passing (poll): the connections by fd, watched by one epoll set.
+        self.inline = False  # whether poll() has anything to look at (read without lock)
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._by_fd: dict[int, _Conn] = {}
+        self._polling = threading.Lock()  # one application thread polls at a time
+        self._due = 0.0  # when the next poll looks
+        self._seen = 0.0  # when an application thread last polled
+        self._parked: set[_Conn] = set()
+        self._watch = threading.Condition(threading.Lock())
+        self.in_passing = 0  # requests answered by an application thread (tests, stats)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -79,6 +129,11 @@ class Server:
         self._listener = _sockets.listen(self.address, mode)
         t = threading.Thread(target=self._accept_loop, name="partydbm-accept", daemon=True)
         t.start()
+        if self._epoll is not None:
+            w = threading.Thread(target=self._watchdog, name="partydbm-watch", daemon=True)
+            with self._lock:
+                self._threads.add(w)
+            w.start()
 
     def stop(self) -> None:
         """Stop accepting, unlink the socket (still under the LOCK), hang up on every
@@ -89,6 +144,7 @@ class Server:
         under it could corrupt it or crash the process."""
         with self._lock:
             self._closing = True
+            self.inline = False
             listener, self._listener = self._listener, None
             conns = list(self._conns)
             threads = list(self._threads)
@@ -97,9 +153,14 @@ class Server:
         remove_stale_socket(self.address)
         for sock in conns:
             _sockets.hang_up(sock)
+        with self._polling:
+            pass  # an application thread answering in passing has left the backend
+        self._unpark_all(closing=True)
         for t in threads:
             if t is not threading.current_thread():
                 t.join()
+        if self._epoll is not None:
+            self._epoll.close()
 
     def forget_after_fork(self) -> None:
         """In a forked child: close our copies of the fds, end nothing for the parent."""
@@ -107,9 +168,15 @@ class Server:
             _sockets.drop(self._listener)
         for sock in self._conns:
             _sockets.drop(sock)
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        self.inline = False
         self._listener = None
         self._conns = set()
         self._threads = set()
+        self._by_fd = {}
+        self._parked = set()
 
     def _accept_loop(self) -> None:
         _give_way(self.niceness)  # the handler threads it starts inherit it (Linux)
@@ -143,9 +210,8 @@ class Server:
 
     # -- one follower --------------------------------------------------------------------
     def _serve(self, sock: _sockets.Socket) -> None:
-        peer = Peer()
-        decoder = P.Decoder()
-        pack = P.packer()
+        conn = _Conn(sock)
+        peer = conn.peer
         observed = False
         try:
             _sockets.serve_options(sock)
@@ -156,17 +222,25 @@ class Server:
                       f"uid {peer.uid} may not read and write {self.db_path!r}"]]))
                 return
             observed = self._notify("connected", peer.pid)
-            while self._serve_some(sock, peer, decoder, pack):
-                pass
+            self._watch_fd(conn)
+            while True:
+                with conn.lock:
+                    if not (self._catch_up(conn) and self._serve_some(conn)):
+                        break
+                if self.inline and time.monotonic() - self._seen < INLINE_BUSY:
+                    self._park(conn)
         except OSError:
             pass  # the follower left, or stopped reading its replies (TimeoutError)
         except Exception as exc:  # a bug of ours: tell the follower, keep the leader up
             _send_quietly(sock, P.pack([None, False, _wire(exc)]))
         finally:
-            with self._lock:
-                self._conns.discard(sock)
-                self._threads.discard(threading.current_thread())
-            _sockets.hang_up(sock)
+            with conn.lock:
+                conn.end = True
+                self._unwatch_fd(conn)
+                with self._lock:
+                    self._conns.discard(sock)
+                    self._threads.discard(threading.current_thread())
+                _sockets.hang_up(sock)
             if observed:
                 self._notify("left", peer.pid)
 
@@ -185,10 +259,10 @@ class Server:
             pass  # an observer's bug must not take a follower's connection down
         return True
 
-    def _serve_some(self, sock: _sockets.Socket, peer: Peer, decoder: P.Decoder,
-                    pack: Callable[[Any], bytes]) -> bool:
+    def _serve_some(self, conn: _Conn) -> bool:
         """Read what has arrived and answer every complete request in it, in order.
         False when the connection is over."""
+        sock, decoder = conn.sock, conn.decoder
         if decoder.pending() and not _sockets.readable(sock, P.MESSAGE_TIMEOUT):
             _send_quietly(sock, P.pack([None, False, ["protocol",
                           f"no byte of the rest of a message for {P.MESSAGE_TIMEOUT}s"]]))
@@ -196,28 +270,191 @@ class Server:
         data = sock.recv(RECV_SIZE)
         if not data:
             return False
-        bad: P.DecodeError | None = None
         try:
-            msgs = decoder.decode(data)
+            conn.msgs = decoder.decode(data)
         except P.DecodeError as exc:  # answer what came before the bad frame first
-            bad, msgs = exc, exc.messages
+            conn.bad, conn.msgs = exc, exc.messages
+        return self._answer(conn)
+
+    def _catch_up(self, conn: _Conn) -> bool:
+        """Finish what an application thread left for this connection's own thread."""
+        if conn.outbox:
+            out, conn.outbox = conn.outbox, b""
+            _send(conn.sock, out)
+        if conn.msgs or conn.bad is not None:
+            return self._answer(conn)
+        return not conn.end
+
+    def _answer(self, conn: _Conn) -> bool:
+        """Answer conn.msgs, then report conn.bad. False when the connection is over."""
+        msgs, bad = conn.msgs, conn.bad
+        conn.msgs, conn.bad = [], None
         replies: list[bytes] = []
         size = 0
         for msg in msgs:
-            reply, fatal = self._handle(peer, msg, pack)
+            reply, fatal = self._handle(conn.peer, msg, conn.pack)
             replies.append(reply)
             size += len(reply)
             if fatal:
-                _send(sock, b"".join(replies))
+                _send(conn.sock, b"".join(replies))
                 return False
             if size >= FLUSH_BYTES:  # many replies to one read: never hold them all
-                _send(sock, b"".join(replies))
+                _send(conn.sock, b"".join(replies))
                 replies, size = [], 0
         if bad is not None:
             replies.append(P.pack([None, False, ["protocol", _text(str(bad))]]))
         if replies:
-            _send(sock, b"".join(replies))
+            _send(conn.sock, b"".join(replies))
         return bad is None
+
+    # -- answering in passing ----------------------------------------------------------
+    # A serving thread woken for each request must take the GIL from the application's
+    # thread, which then waits for it back: on a busy leader those hand-offs cost more
+    # than the requests. So while the application keeps calling the database, its own
+    # thread answers what has arrived every INLINE_EVERY (poll), and the serving threads
+    # park instead of waiting on their sockets; when it stops calling, the watchdog
+    # hands the connections back to them within a few WATCHDOG_EVERY.
+
+    def poll(self) -> None:
+        """Called by the application's thread on its way into the database: answer the
+        small requests that have arrived (anything else wakes the connection's thread).
+        Never raises, never blocks on a follower."""
+        now = time.monotonic()
+        if now < self._due:
+            return
+        self._due = now + INLINE_EVERY
+        self._seen = now
+        epoll = self._epoll
+        if epoll is None or not self._polling.acquire(blocking=False):
+            return
+        try:
+            if self._closing:
+                return
+            for fd, _ in epoll.poll(0):
+                conn = self._by_fd.get(fd)
+                if conn is None or not conn.lock.acquire(blocking=False):
+                    continue  # its thread has it (blocked in recv, or answering)
+                try:
+                    if not conn.end:
+                        self._answer_in_passing(conn)
+                except Exception:  # a bug of ours: the follower fails over, we go on
+                    conn.end = True
+                    _sockets.hang_up(conn.sock)
+                    self._unpark(conn)
+                finally:
+                    conn.lock.release()
+        except OSError:
+            pass  # the epoll set closed under us (stop() in another thread)
+        finally:
+            self._polling.release()
+
+    def _answer_in_passing(self, conn: _Conn) -> None:
+        peer, decoder = conn.peer, conn.decoder
+        if conn.outbox or conn.msgs or peer.client is None or decoder.pending():
+            self._unpark(conn)  # its thread's job (the hello, a message in pieces)
+            return
+        try:
+            data = conn.sock.recv(RECV_SIZE, _sockets.DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            conn.end = True
+            self._unpark(conn)
+            return
+        try:
+            msgs = decoder.decode(data)
+        except P.DecodeError as exc:
+            conn.bad, conn.msgs = exc, exc.messages
+            self._unpark(conn)
+            return
+        if decoder.pending() or len(data) > P.FAST_DECODE_BYTES or not all(
+                type(m) is list and len(m) > 2 and type(m[0]) is int and m[0] in INLINE_OPS
+                for m in msgs):
+            conn.msgs = msgs  # a large or slow request, or part of one
+            self._unpark(conn)
+            return
+        replies = []
+        self.in_passing += len(msgs)
+        for msg in msgs:
+            reply, fatal = self._handle(peer, msg, conn.pack)
+            replies.append(reply)
+            if fatal:
+                conn.end = True
+                break
+        out = b"".join(replies)
+        try:
+            sent = conn.sock.send(out, _sockets.DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent, conn.end = len(out), True
+        if sent < len(out) or conn.end:
+            conn.outbox = out[sent:]  # the follower reads slowly: its thread sends the rest
+            self._unpark(conn)
+
+    def _watch_fd(self, conn: _Conn) -> None:
+        if self._epoll is None:
+            return
+        fd = conn.sock.fileno()
+        with self._lock:
+            if self._closing:
+                return
+            self._by_fd[fd] = conn
+            self._epoll.register(fd, select.EPOLLIN)
+            self.inline = True
+
+    def _unwatch_fd(self, conn: _Conn) -> None:
+        with self._lock:
+            fd = next((fd for fd, c in self._by_fd.items() if c is conn), None)
+            if fd is None:
+                return
+            del self._by_fd[fd]
+            self.inline = bool(self._by_fd) and not self._closing
+            try:
+                if self._epoll is not None:
+                    self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # closed already (stop() hung up; closing an fd leaves the set)
+
+    def _park(self, conn: _Conn) -> None:
+        """Wait until poll() leaves work or the watchdog hands the connection back."""
+        with self._watch:
+            if conn.wake.is_set() or self._closing:
+                conn.wake.clear()
+                return
+            self._parked.add(conn)
+            self._watch.notify()
+        conn.wake.wait()
+        conn.wake.clear()
+
+    def _unpark(self, conn: _Conn) -> None:
+        with self._watch:
+            self._parked.discard(conn)
+            conn.wake.set()
+
+    def _unpark_all(self, closing: bool = False) -> None:
+        with self._watch:
+            for conn in self._parked:
+                conn.wake.set()
+            self._parked.clear()
+            if closing:
+                self._watch.notify()
+
+    def _watchdog(self) -> None:
+        """While a serving thread is parked: every WATCHDOG_EVERY, if the application
+        has not polled within INLINE_BUSY, wake every parked thread."""
+        while True:
+            with self._watch:
+                while not self._parked and not self._closing:
+                    self._watch.wait()
+            if self._closing:
+                self._unpark_all()
+                return
+            time.sleep(WATCHDOG_EVERY)
+            if time.monotonic() - self._seen >= INLINE_BUSY:
+                self._unpark_all()
 
     def _handle(self, peer: Peer, msg: Any, pack: Callable[[Any], bytes]
                 ) -> tuple[bytes, bool]:

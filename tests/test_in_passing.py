@@ -1,0 +1,101 @@
+"""A busy leader answers its followers in passing (_server.Server.poll): the
+application's thread answers small requests on its way into the database and the
+serving threads park; big or slow requests go back to them, and when the application
+stops calling, the watchdog hands every connection back. Checked against a model, with
+the leader busy in one of its threads while followers work."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mp_util import DEADLINE, Party, Worker
+
+pytestmark = pytest.mark.multiprocess
+
+BUSY = """
+import threading, time
+busy_stop = threading.Event()
+def busy():
+    while not busy_stop.is_set():
+        try:
+            db.get(b'busy')
+        except partydbm.ClosedError:
+            return
+busy_thread = threading.Thread(target=busy, daemon=True)
+busy_thread.start()
+"""
+IN_PASSING = "db._engine._server.in_passing"
+
+
+@pytest.fixture
+def party() -> Iterator[Party]:
+    with Party() as p:
+        yield p
+
+
+def _busy_leader(party: Party, path: Path) -> tuple[Worker, Worker]:
+    leader, follower = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    assert follower.open(path) == "follower"
+    leader.exec(BUSY)
+    return leader, follower
+
+
+def test_a_busy_leader_answers_a_followers_threads_in_passing(party: Party,
+                                                               tmp_path: Path) -> None:
+    leader, follower = _busy_leader(party, tmp_path / "db")
+    seed = int.from_bytes(os.urandom(4), "big")
+    print(f"thread workload seed {seed}")
+    outcome = follower.eval(f"thread_workload(db, {seed}, nops=400)", timeout=60)
+    assert outcome["errors"] == [], "\n".join(outcome["errors"])
+    assert leader.eval(IN_PASSING) > 0  # the path under test was taken
+    leader.exec("busy_stop.set(); busy_thread.join()")
+    assert follower.eval("dict(db.items())") == outcome["model"]
+    assert leader.eval("dict(db.items())") == outcome["model"]
+
+
+def test_big_requests_go_to_the_serving_thread_in_order(party: Party, tmp_path: Path) -> None:
+    leader, follower = _busy_leader(party, tmp_path / "db")
+    got = follower.exec(
+        "big = b'x' * 300_000\n"
+        "db[b'a'] = b'1'\n"
+        "db[b'big'] = big\n"  # more than one read's worth: the serving thread's job
+        "db[b'b'] = b'2'\n"
+        "db.update({b'u%04d' % i: b'%d' % i for i in range(2000)})\n"
+        "del db[b'a']\n"
+        "result = [db[b'big'] == big, db.get(b'a'), db[b'b'], len(db),\n"
+        "          list(db.iterator(prefix=b'u', include_value=False))[-1]]")
+    assert got == [True, None, b"2", 2002, b"u1999"]
+    assert leader.eval(IN_PASSING) > 0
+    assert leader.eval("db[b'u0042']") == b"42"
+
+
+def test_followers_are_served_when_the_leader_stops_calling(party: Party,
+                                                            tmp_path: Path) -> None:
+    """The serving threads parked while the application called; once it stops, every
+    request is still answered (the watchdog hands the connections back), promptly."""
+    leader, follower = _busy_leader(party, tmp_path / "db")
+    follower.exec("for i in range(200): db[b'k%d' % i] = b'v'")
+    leader.exec("busy_stop.set(); busy_thread.join()")
+    before = leader.eval(IN_PASSING)
+    t0 = time.monotonic()
+    got = follower.exec("result = [db[b'k%d' % i] for i in range(200)]")
+    assert got == [b"v"] * 200
+    assert time.monotonic() - t0 < DEADLINE / 2
+    assert leader.eval(IN_PASSING) == before  # nobody polled: the threads answered
+
+
+def test_closing_a_busy_leader_hands_over_with_nothing_lost(party: Party,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    leader, follower = _busy_leader(party, path)
+    written = follower.exec("result = write_range(db, 'w%03d', 100, 'v%d')")
+    follower.submit("exec", "result = write_range(db, 'x%04d', 3000, 'y%d')")
+    leader.exec("time.sleep(0.05)\ndb.close()\nbusy_thread.join()")
+    more = follower.reply(timeout=60)
+    assert follower.eval("dict(db.items())") == {**written, **more}
+    assert follower.eval("db.is_leader") is True
