@@ -225,9 +225,16 @@ class Server:
             self._watch_fd(conn)
             while True:
                 with conn.lock:
-                    if not (self._catch_up(conn) and self._serve_some(conn)):
+                    left = conn.outbox or conn.msgs or conn.bad or conn.end  # by poll()
+                    if left and not self._catch_up(conn):
                         break
-                if self.inline and time.monotonic() - self._seen < INLINE_BUSY:
+                    if not self._serve_some(conn):
+                        break
+                # Park between messages only: the rest of a message in pieces, and its
+                # MESSAGE_TIMEOUT, are this thread's to wait for.
+                seen = self._seen  # 0.0 until an application thread polls
+                if (seen and self.inline and not conn.decoder.pending()
+                        and time.monotonic() - seen < INLINE_BUSY):
                     self._park(conn)
         except OSError:
             pass  # the follower left, or stopped reading its replies (TimeoutError)
@@ -271,24 +278,24 @@ class Server:
         if not data:
             return False
         try:
-            conn.msgs = decoder.decode(data)
+            msgs, bad = decoder.decode(data), None
         except P.DecodeError as exc:  # answer what came before the bad frame first
-            conn.bad, conn.msgs = exc, exc.messages
-        return self._answer(conn)
+            msgs, bad = exc.messages, exc
+        return self._answer(conn, msgs, bad)
 
     def _catch_up(self, conn: _Conn) -> bool:
-        """Finish what an application thread left for this connection's own thread."""
+        """Finish what an application thread left for this connection's own thread.
+        False when the connection is over."""
         if conn.outbox:
             out, conn.outbox = conn.outbox, b""
             _send(conn.sock, out)
         if conn.msgs or conn.bad is not None:
-            return self._answer(conn)
+            msgs, bad, conn.msgs, conn.bad = conn.msgs, conn.bad, [], None
+            return self._answer(conn, msgs, bad)
         return not conn.end
 
-    def _answer(self, conn: _Conn) -> bool:
-        """Answer conn.msgs, then report conn.bad. False when the connection is over."""
-        msgs, bad = conn.msgs, conn.bad
-        conn.msgs, conn.bad = [], None
+    def _answer(self, conn: _Conn, msgs: list[Any], bad: P.DecodeError | None) -> bool:
+        """Answer `msgs` in order, then report `bad`. False when the connection is over."""
         replies: list[bytes] = []
         size = 0
         for msg in msgs:
@@ -337,10 +344,15 @@ class Server:
                 try:
                     if not conn.end:
                         self._answer_in_passing(conn)
-                except Exception:  # a bug of ours: the follower fails over, we go on
+                except BaseException as exc:
+                    # A bug of ours, or the application's KeyboardInterrupt in the middle
+                    # of a request: its reply may be lost, so end the connection and the
+                    # follower sends it again (on a write, at most once: its rid).
                     conn.end = True
                     _sockets.hang_up(conn.sock)
                     self._unpark(conn)
+                    if not isinstance(exc, Exception):
+                        raise
                 finally:
                     conn.lock.release()
         except OSError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import resource
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from hostile import Raw, is_error, served
+from mp_util import DEADLINE
 
 import partydbm
 from partydbm import _protocol as P
@@ -26,18 +28,33 @@ from partydbm import _protocol as P
 MODEL = {b"a": b"1", b"b": b"2", b"big": b"x" * 300_000}
 
 
-@pytest.fixture
-def leader(tmp_path: Path) -> Iterator[partydbm.PartyDBM]:
+@pytest.fixture(params=["idle", "busy"])
+def leader(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[partydbm.PartyDBM]:
+    """The leader, idle (its serving threads read every request) or busy: one of its
+    threads keeps calling the database, so small requests are answered in passing by
+    that thread (_server.Server.poll) and everything else is handed back."""
     db = partydbm.open(tmp_path / "db")
     assert db.is_leader
     db.update(MODEL)
+    stop = threading.Event()
+    busy = threading.Thread(target=_keep_calling, args=(db, stop), daemon=True)
+    if request.param == "busy":
+        busy.start()
     try:
         yield db
     finally:
+        stop.set()
+        if busy.is_alive():
+            busy.join(DEADLINE)
         try:
             assert dict(db.items()) == MODEL, "a hostile client changed what is stored"
         finally:
             db.close()
+
+
+def _keep_calling(db: partydbm.PartyDBM, stop: threading.Event) -> None:
+    while not stop.is_set():
+        assert db.get(b"a") == b"1"
 
 
 @pytest.fixture

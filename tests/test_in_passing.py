@@ -99,3 +99,48 @@ def test_closing_a_busy_leader_hands_over_with_nothing_lost(party: Party,
     more = follower.reply(timeout=60)
     assert follower.eval("dict(db.items())") == {**written, **more}
     assert follower.eval("db.is_leader") is True
+
+
+INTERRUPT_ONCE = """
+from partydbm import _server
+interrupted = []
+_handle = _server.Server._handle
+def _handle_then_interrupt(self, peer, msg, pack):
+    out = _handle(self, peer, msg, pack)
+    if threading.current_thread() is busy_thread and not interrupted and len(seen) >= 20:
+        interrupted.append(msg[0])
+        raise KeyboardInterrupt  # applied, its reply not sent
+    seen.append(1) if threading.current_thread() is busy_thread else None
+    return out
+seen = []
+_server.Server._handle = _handle_then_interrupt
+busy_stop = threading.Event()
+def busy():
+    while not busy_stop.is_set():
+        try:
+            db.get(b'busy')
+        except KeyboardInterrupt:
+            pass  # the application carries on
+busy_thread = threading.Thread(target=busy, daemon=True)
+busy_thread.start()
+"""
+
+
+def test_an_interrupt_while_answering_in_passing_loses_and_repeats_nothing(
+        party: Party, tmp_path: Path) -> None:
+    """KeyboardInterrupt reaches the application's thread after it applied a follower's
+    request and before the reply: that connection ends, the follower sends the request
+    again, and the model (deletes report whether the key existed) still holds."""
+    path = tmp_path / "db"
+    leader, follower = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    assert follower.open(path) == "follower"
+    leader.exec("import threading\n" + INTERRUPT_ONCE)
+    seed = int.from_bytes(os.urandom(4), "big")
+    print(f"thread workload seed {seed}")
+    outcome = follower.eval(f"thread_workload(db, {seed}, nops=300)", timeout=60)
+    assert outcome["errors"] == [], "\n".join(outcome["errors"])
+    assert len(leader.eval("interrupted")) == 1
+    leader.exec("busy_stop.set(); busy_thread.join()")
+    assert follower.eval("dict(db.items())") == outcome["model"]
+    assert follower.eval("db.is_leader") is False
