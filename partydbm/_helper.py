@@ -16,7 +16,7 @@ from . import open as party_open
 
 
 def main(argv: list[str]) -> int:
-    _server.SERVE_NICENESS = 0  # serving is all this process does
+    _server.serve_only()
     db = party_open(argv[0], "w", timeout=None)
     try:
         while sys.stdin.buffer.read(4096):

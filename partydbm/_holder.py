@@ -24,7 +24,7 @@ from . import open as party_open
 
 
 def main() -> int:
-    _server.SERVE_NICENESS = 0  # serving is all this process does
+    _server.serve_only()
     dbs: dict[str, Any] = {}
     for line in sys.stdin:
         words = line.split()

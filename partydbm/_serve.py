@@ -33,7 +33,7 @@ def log(message: str) -> None:
 
 
 def serve(path: str, timeout: float | None, verbose: bool) -> int:
-    _server.SERVE_NICENESS = 0  # serving is all this process does
+    _server.serve_only()
     stop = threading.Event()
     opening = True
 

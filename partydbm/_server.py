@@ -65,10 +65,23 @@ INLINE_BUSY = 200e-6
 seconds; after that the watchdog hands its connection back to it."""
 WATCHDOG_EVERY = 1e-3  # seconds between the watchdog's checks while a thread is parked
 INLINE_OPS = frozenset({P.GET, P.HAS, P.PUT, P.DELETE})  # small: answered in passing
+ANSWER_IN_PASSING = True
+"""Whether the application's threads answer small requests on their way into the
+database (Server.poll). Off in a process that exists only to serve (serve_only())."""
 SERVE_NICENESS = 10
 """How much nicer the serving threads run than the thread that takes the lead (Linux:
-niceness is per thread; only with 2 CPUs or more). A process that exists only to serve
-(`partydbm serve`, the fork helper) sets 0: it has nothing of its own to give way to."""
+niceness is per thread; only with 2 CPUs or more). 0 in a process that exists only to
+serve (serve_only())."""
+
+
+def serve_only() -> None:
+    """Called first by a process whose only job is serving (`partydbm serve`, the fork
+    helper, the bench's holder): its serving threads have no application thread to give
+    way to, and none that would answer in passing, so they keep their priority and
+    never park (and its connections stay out of an epoll set nobody polls)."""
+    global ANSWER_IN_PASSING, SERVE_NICENESS
+    ANSWER_IN_PASSING = False
+    SERVE_NICENESS = 0
 
 
 Observer = Callable[[str, int, int], None]  # (event, follower pid, followers connected)
@@ -114,7 +127,7 @@ class Server:
         self.niceness = _serving_niceness()
         # Answering in passing (poll): the connections by fd, watched by one epoll set.
         self.inline = False  # whether poll() has anything to look at (read without lock)
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._epoll = select.epoll() if ANSWER_IN_PASSING and hasattr(select, "epoll") else None
         self._by_fd: dict[int, _Conn] = {}
         self._polling = threading.Lock()  # one application thread polls at a time
         self._due = 0.0  # when the next poll looks
@@ -385,8 +398,8 @@ class Server:
             return
         if decoder.pending() or len(data) > P.FAST_DECODE_BYTES or not all(
                 type(m) is list and len(m) > 2 and type(m[0]) is int and m[0] in INLINE_OPS
-                for m in msgs):
-            conn.msgs = msgs  # a large or slow request, or part of one
+                and not (m[0] in P.WRITES and m[-1]) for m in msgs):
+            conn.msgs = msgs  # large, slow (a synced write: fsync), or part of one
             self._unpark(conn)
             return
         replies = []

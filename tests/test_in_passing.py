@@ -144,3 +144,30 @@ def test_an_interrupt_while_answering_in_passing_loses_and_repeats_nothing(
     leader.exec("busy_stop.set(); busy_thread.join()")
     assert follower.eval("dict(db.items())") == outcome["model"]
     assert follower.eval("db.is_leader") is False
+
+
+def test_synced_writes_are_never_answered_in_passing(party: Party, tmp_path: Path) -> None:
+    """A follower's write with flag "s" waits for fsync: the application's thread must
+    not pay for it, so it goes to the serving thread (the reads still pass)."""
+    path = tmp_path / "db"
+    leader, follower = _busy_leader(party, path)
+    follower.exec(f"synced = partydbm.open({str(path)!r}, 'cs')")
+    follower.exec("for i in range(100): synced[b's%d' % i] = b'v'\n"
+                  "for i in range(0, 100, 2): del synced[b's%d' % i]")
+    assert leader.eval(IN_PASSING) == 0
+    assert follower.eval("[synced.get(b's%d' % i) for i in range(4)]") == [None, b"v"] * 2
+    assert leader.eval(IN_PASSING) > 0
+
+
+def test_a_process_that_only_serves_never_answers_in_passing(party: Party,
+                                                             tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    leader, follower = party.repl(), party.repl()
+    leader.exec("from partydbm import _server\n_server.serve_only()")
+    assert leader.open(path) == "leader"
+    assert follower.open(path) == "follower"
+    leader.exec(BUSY)
+    follower.exec("for i in range(200): db[b'k%d' % i] = b'v'")
+    assert follower.eval("[db[b'k%d' % i] for i in range(200)]") == [b"v"] * 200
+    assert leader.eval(IN_PASSING) == 0
+    assert leader.eval("db._engine._server.niceness") is None
