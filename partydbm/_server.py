@@ -93,11 +93,12 @@ class _Conn:
     What the one leaves to the other: `outbox` (reply bytes not sent yet), `msgs` and
     `bad` (requests decoded, not answered; a decode error after them), `end` (over)."""
 
-    __slots__ = ("bad", "decoder", "end", "lock", "msgs", "outbox", "pack", "peer",
+    __slots__ = ("bad", "decoder", "end", "fd", "lock", "msgs", "outbox", "pack", "peer",
                  "sock", "wake")
 
     def __init__(self, sock: _sockets.Socket) -> None:
         self.sock = sock
+        self.fd = -1  # in the server's epoll set under this fd (-1: not)
         self.peer = Peer()
         self.decoder = P.Decoder()
         self.pack = P.packer()
@@ -370,8 +371,11 @@ class Server:
                         raise
                 finally:
                     conn.lock.release()
-        except OSError:
-            pass  # the epoll set closed under us (stop() in another thread)
+        except (OSError, ValueError):  # epoll_wait failed (it should not): give up
+            with self._lock:  # answering in passing; the serving threads take it all
+                self._epoll = None
+                self.inline = False
+            self._unpark_all()
         finally:
             self._polling.release()
 
@@ -428,14 +432,15 @@ class Server:
         with self._lock:
             if self._closing:
                 return
-            self._by_fd[fd] = conn
             self._epoll.register(fd, select.EPOLLIN)
+            self._by_fd[fd] = conn
+            conn.fd = fd
             self.inline = True
 
     def _unwatch_fd(self, conn: _Conn) -> None:
         with self._lock:
-            fd = next((fd for fd, c in self._by_fd.items() if c is conn), None)
-            if fd is None:
+            fd, conn.fd = conn.fd, -1
+            if fd < 0:
                 return
             del self._by_fd[fd]
             self.inline = bool(self._by_fd) and not self._closing

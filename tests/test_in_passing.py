@@ -171,3 +171,17 @@ def test_a_process_that_only_serves_never_answers_in_passing(party: Party,
     assert follower.eval("[db[b'k%d' % i] for i in range(200)]") == [b"v"] * 200
     assert leader.eval(IN_PASSING) == 0
     assert leader.eval("db._engine._server.niceness") is None
+
+
+def test_if_epoll_fails_the_serving_threads_take_everything_back(party: Party,
+                                                                 tmp_path: Path) -> None:
+    leader, follower = _busy_leader(party, tmp_path / "db")
+    follower.exec("for i in range(50): db[b'k%d' % i] = b'v'")
+    leader.exec("class Broken:\n"
+                "    def poll(self, timeout): raise OSError(5, 'broken')\n"
+                "    def close(self): pass\n"
+                "    def unregister(self, fd): pass\n"
+                "db._engine._server._epoll = Broken()")
+    got = follower.exec("result = [db[b'k%d' % i] for i in range(50)]")
+    assert got == [b"v"] * 50
+    assert leader.eval("db._engine._server.inline") is False
