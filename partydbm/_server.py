@@ -109,6 +109,11 @@ class _Conn:
         self.bad: P.DecodeError | None = None
         self.end = False
 
+    def left(self) -> bool:
+        """Whether something waits for the connection's own thread: until it has been
+        dealt with, nothing more may be read from the socket in passing."""
+        return bool(self.outbox or self.msgs or self.bad or self.end)
+
 
 class Server:
     def __init__(self, backend: Backend, address: str | bytes, db_path: str,
@@ -241,8 +246,7 @@ class Server:
             self._watch_fd(conn)
             while True:
                 with conn.lock:
-                    left = conn.outbox or conn.msgs or conn.bad or conn.end  # by poll()
-                    if left and not self._catch_up(conn):
+                    if conn.left() and not self._catch_up(conn):  # left by poll()
                         break
                     if not self._serve_some(conn):
                         break
@@ -358,8 +362,7 @@ class Server:
                 if conn is None or not conn.lock.acquire(blocking=False):
                     continue  # its thread has it (blocked in recv, or answering)
                 try:
-                    if not conn.end:
-                        self._answer_in_passing(conn)
+                    self._answer_in_passing(conn)
                 except BaseException as exc:
                     # A bug of ours, or the application's KeyboardInterrupt in the middle
                     # of a request: its reply may be lost, so end the connection and the
@@ -381,7 +384,7 @@ class Server:
 
     def _answer_in_passing(self, conn: _Conn) -> None:
         peer, decoder = conn.peer, conn.decoder
-        if conn.outbox or conn.msgs or peer.client is None or decoder.pending():
+        if conn.left() or peer.client is None or decoder.pending():
             self._unpark(conn)  # its thread's job (the hello, a message in pieces)
             return
         try:

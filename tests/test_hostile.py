@@ -24,6 +24,7 @@ from mp_util import DEADLINE
 
 import partydbm
 from partydbm import _protocol as P
+from partydbm._server import _Conn
 
 MODEL = {b"a": b"1", b"b": b"2", b"big": b"x" * 300_000}
 
@@ -347,6 +348,35 @@ def test_requests_before_a_bad_frame_are_answered_first(leader: partydbm.PartyDB
     replies = raw.until_closed()
     assert replies[:2] == [[1, True, b"1"], [2, True, b"2"]]
     assert len(replies) == 3 and is_error(replies[2], "protocol") and replies[2][0] is None
+
+
+@pytest.mark.parametrize("left", ["bad", "msgs", "outbox", "end"])
+def test_nothing_is_read_in_passing_while_the_connections_thread_has_work(
+        leader: partydbm.PartyDBM, left: str) -> None:
+    """What an application thread handed back (a bad frame, requests, unsent replies, the
+    end) is the connection's own thread's: bytes after it, as after a bad frame, must
+    not be read and answered in passing before it."""
+    server = leader._engine.server
+    assert server is not None
+    mine, theirs = socket.socketpair()
+    try:
+        conn = _Conn(mine)
+        conn.peer.client = b"client"
+        handed = {"bad": ("bad", P.DecodeError("undecodable frame")),
+                  "msgs": ("msgs", [[P.GET, 1, b"a"]]), "outbox": ("outbox", b"\x90"),
+                  "end": ("end", True)}[left]
+        setattr(conn, *handed)
+        waiting = P.pack([P.GET, 2, b"b"])
+        theirs.send(waiting)
+        before = server.in_passing
+        server._answer_in_passing(conn)
+        assert mine.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) == waiting
+        assert getattr(conn, handed[0]) is handed[1]
+        assert server.in_passing == before
+        assert conn.wake.is_set()  # its thread is told
+    finally:
+        mine.close()
+        theirs.close()
 
 
 def test_too_many_connections_are_refused_with_an_error_at_the_hello(
