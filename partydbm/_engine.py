@@ -138,7 +138,7 @@ class Engine:
         self._lockfile = lockfile
         self._cond = threading.Condition(threading.RLock())
         self._started = False
-        self._server: Server | None = None
+        self.server: Server | None = None
         self._observer: Observer | None = None  # given to each server this engine starts
         self._conn: Connection | None = None
         self._rerouting = False
@@ -166,7 +166,7 @@ class Engine:
         Returns how many followers are connected now (0 when following)."""
         with self._cond:
             self._observer = observer
-            server = self._server
+            server = self.server
             if server is None:
                 return 0
             server.observer = observer
@@ -223,7 +223,7 @@ class Engine:
         except BaseException:
             backend.close()
             raise
-        self._server = server
+        self.server = server
         self.backend = backend
         self.generation += 1
         self._cond.notify_all()
@@ -413,15 +413,15 @@ class Engine:
     def serve_followers(self) -> None:
         """On the leader's way into the database: answer what followers have sent, now
         and then (Server.poll: cheaper than waking a serving thread per request)."""
-        s = self._server
+        s = self.server
         if s is not None and s.inline:
             s.poll()
 
     def get(self, key: bytes, h: Policy) -> bytes | None:
         b = self.backend
         if b is not None:
-            s = self._server
-            if s is not None and s.inline:  # serve_followers(), inlined on the hot path
+            s = self.server
+            if s is not None and s.inline:  # serve_followers(), inline on a hot path
                 s.poll()
             return b.get(key)
         return self.call(P.GET, (key,), h)  # type: ignore[no-any-return]
@@ -475,8 +475,8 @@ class Engine:
                 return
             self.closed = True
             try:
-                if self._server is not None:
-                    server, self._server = self._server, None
+                if self.server is not None:
+                    server, self.server = self.server, None
                     server.stop()
             finally:
                 if self.backend is not None:
@@ -502,9 +502,9 @@ class Engine:
             _tainted.add(self.path)
             _leftovers.append(self.backend)
             self.backend = None
-        if self._server is not None:
-            self._server.forget_after_fork()
-            self._server = None
+        if self.server is not None:
+            self.server.forget_after_fork()
+            self.server = None
         if self._conn is not None:
             self._conn.forget_after_fork()
             self._conn = None

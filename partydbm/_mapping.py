@@ -68,6 +68,9 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         backend = engine.backend
         value: bytes | None
         if backend is not None:
+            server = engine.server
+            if server is not None and server.inline:  # engine.serve_followers(), inline
+                server.poll()
             try:
                 value = backend.raw_get(USER + k)
             except StorageError as exc:
@@ -116,7 +119,9 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             P.check_put(k, v)
         backend = engine.backend
         if backend is not None:
-            engine.serve_followers()
+            server = engine.server
+            if server is not None and server.inline:  # engine.serve_followers(), inline
+                server.poll()
             try:
                 backend.raw_put(USER + k, v, sync=self._sync)
             except StorageError as exc:  # a full disk: partydbm.error naming the cause

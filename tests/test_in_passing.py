@@ -22,13 +22,13 @@ busy_stop = threading.Event()
 def busy():
     while not busy_stop.is_set():
         try:
-            db.get(b'busy')
+            {call}
         except partydbm.ClosedError:
             return
 busy_thread = threading.Thread(target=busy, daemon=True)
 busy_thread.start()
 """
-IN_PASSING = "db._engine._server.in_passing"
+IN_PASSING = "db._engine.server.in_passing"
 
 
 @pytest.fixture
@@ -37,11 +37,13 @@ def party() -> Iterator[Party]:
         yield p
 
 
-def _busy_leader(party: Party, path: Path) -> tuple[Worker, Worker]:
+def _busy_leader(party: Party, path: Path, call: str = "db.get(b'busy')"
+                 ) -> tuple[Worker, Worker]:
+    """A leader with a thread that keeps making `call`, and a follower."""
     leader, follower = party.repl(), party.repl()
     assert leader.open(path) == "leader"
     assert follower.open(path) == "follower"
-    leader.exec(BUSY)
+    leader.exec(BUSY.format(call=call))
     return leader, follower
 
 
@@ -166,11 +168,11 @@ def test_a_process_that_only_serves_never_answers_in_passing(party: Party,
     leader.exec("from partydbm import _server\n_server.serve_only()")
     assert leader.open(path) == "leader"
     assert follower.open(path) == "follower"
-    leader.exec(BUSY)
+    leader.exec(BUSY.format(call="db.get(b'busy')"))
     follower.exec("for i in range(200): db[b'k%d' % i] = b'v'")
     assert follower.eval("[db[b'k%d' % i] for i in range(200)]") == [b"v"] * 200
     assert leader.eval(IN_PASSING) == 0
-    assert leader.eval("db._engine._server.niceness") is None
+    assert leader.eval("db._engine.server.niceness") is None
 
 
 def test_if_epoll_fails_the_serving_threads_take_everything_back(party: Party,
@@ -181,7 +183,22 @@ def test_if_epoll_fails_the_serving_threads_take_everything_back(party: Party,
                 "    def poll(self, timeout): raise OSError(5, 'broken')\n"
                 "    def close(self): pass\n"
                 "    def unregister(self, fd): pass\n"
-                "db._engine._server._epoll = Broken()")
+                "db._engine.server._epoll = Broken()")
     got = follower.exec("result = [db[b'k%d' % i] for i in range(50)]")
     assert got == [b"v"] * 50
-    assert leader.eval("db._engine._server.inline") is False
+    assert leader.eval("db._engine.server.inline") is False
+
+
+@pytest.mark.parametrize("call", ["db[b'k']", "db[b'k'] = b'v'", "b'k' in db",
+                                  "db.pop(b'gone', None)", "db.firstkey()"])
+def test_every_way_into_the_database_answers_in_passing(party: Party, tmp_path: Path,
+                                                        call: str) -> None:
+    """The hot paths that skip the engine (db[k], db[k] = v) poll too."""
+    path = tmp_path / "db"
+    leader, follower = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    leader.exec("db[b'k'] = b'v'")
+    assert follower.open(path) == "follower"
+    leader.exec(BUSY.format(call=call))
+    assert follower.exec("result = [db[b'k'] for _ in range(300)]") == [b"v"] * 300
+    assert leader.eval(IN_PASSING) > 0
