@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,24 @@ def encode(obj: Any) -> str:
 
 def decode(text: str) -> Any:
     return json.loads(text, object_hook=_from_json)
+
+
+# -- switches of the library, set in every worker of a test ------------------------------
+SETTINGS = "PARTYDBM_TEST_SET"
+"""Module attributes of partydbm to set in a worker process before it does anything:
+"_sockets.SO_PEERCRED=None;_election.VIA_PROC=False" (a test that switches a Linux way
+off sets them in its own process and, through this variable, in the workers it starts;
+the library itself never reads it)."""
+
+
+def apply_settings(env: Mapping[str, str]) -> None:
+    import ast
+    import importlib
+
+    for setting in filter(None, env.get(SETTINGS, "").split(";")):
+        target, value = setting.split("=", 1)
+        module, attr = target.rsplit(".", 1)
+        setattr(importlib.import_module(f"partydbm.{module}"), attr, ast.literal_eval(value))
 
 
 # -- one worker ----------------------------------------------------------------------------
@@ -240,8 +258,11 @@ class Party:
         """`python -c CODE ARGS...` (a user's script, nothing of the tests imported)."""
         return self._add(Worker(["-c", code, *map(str, args)], env))
 
-    def repl(self, env: dict[str, str] | None = None) -> Worker:
-        return self.spawn("repl", env=env)
+    def repl(self, env: dict[str, str] | None = None, without: str | None = None) -> Worker:
+        """A repl worker; `without`: a module it cannot import (a LevelDB binding)."""
+        if without is None:
+            return self.spawn("repl", env=env)
+        return self._add(Worker([str(WORKERS), "--without", without, "repl"], env))
 
     def repls(self, n: int) -> list[Worker]:
         return [self.repl() for _ in range(n)]

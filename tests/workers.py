@@ -18,9 +18,17 @@ import time
 import traceback
 from typing import Any
 
-from mp_util import decode, encode
+# `python tests/workers.py --without MODULE NAME ARGS...`: MODULE cannot be imported
+# here, so that partydbm takes the other of two LevelDB bindings installed.
+if sys.argv[1:2] == ["--without"]:
+    sys.modules[sys.argv[2]] = None
+    del sys.argv[1:3]
+
+from mp_util import apply_settings, decode, encode
 
 import partydbm
+
+apply_settings(os.environ)
 
 DEADLINE = 30.0
 
@@ -190,7 +198,7 @@ def turnover(path: str, key: str, value: str, how: str) -> None:
 
 def plain_leveldb(path: str) -> None:
     """A plain LevelDB user: holds the LOCK and never serves the socket."""
-    import plyvel
+    from partydbm._backend import plyvel
 
     handle = plyvel.DB(path)
     print("ready", flush=True)
