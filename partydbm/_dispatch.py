@@ -25,9 +25,9 @@ class Peer:
     client: bytes | None = None
     applied: int = 0
     recent: dict[int, Any] = field(default_factory=dict)  # rid -> outcome, last deletes
-    pid: int = 0
-    uid: int = -1
-    gid: int = -1
+    pid: int = 0  # 0, uid None: the kernel cannot tell (see _sockets.peer_credentials)
+    uid: int | None = None
+    gid: int | None = None
     groups: set[int] | None = None
 
 

@@ -116,7 +116,7 @@ class _Conn:
 
 
 class Server:
-    def __init__(self, backend: Backend, address: str | bytes, db_path: str,
+    def __init__(self, backend: Backend, address: str, db_path: str,
                  observer: Observer | None = None) -> None:
         self.backend = backend
         # Told "connected"/"left" for each follower that passed the access check (from the
@@ -236,8 +236,7 @@ class Server:
         observed = False
         try:
             _sockets.serve_options(sock)
-            peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
-            peer.groups = _sockets.peer_groups(sock)
+            peer.pid, peer.uid, peer.gid, peer.groups = _sockets.peer_credentials(sock)
             if not may_access(self.db_path, peer.uid, peer.gid, peer.groups):
                 _send(sock, P.pack([0, False, ["error",
                       f"uid {peer.uid} may not read and write {self.db_path!r}"]]))
@@ -536,17 +535,30 @@ class Server:
         return pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}]), False
 
 
+PER_THREAD_NICENESS = sys.platform.startswith("linux") and hasattr(os, "setpriority")
+"""Whether setpriority() on a native thread id sets that thread's niceness (Linux). On
+macOS and the BSDs that id is no pid, and a process has one niceness for all its
+threads: there the serving threads keep the application's priority."""
+
+
 def _serving_niceness() -> int | None:
     """The niceness for this process's serving threads: SERVE_NICENESS above the calling
     thread's, or None (leave them as they are) on one CPU or where it cannot be known."""
-    if not SERVE_NICENESS or sys.platform != "linux":
+    if not SERVE_NICENESS or not PER_THREAD_NICENESS:
         return None
     try:
-        if len(os.sched_getaffinity(0)) < 2:
+        if _usable_cpus() < 2:
             return None
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + SERVE_NICENESS
     except OSError:
         return None
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _give_way(niceness: int | None) -> None:
