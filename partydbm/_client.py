@@ -36,8 +36,9 @@ def _check_leader(sock: _sockets.Socket, address: str, db_path: str) -> None:
         raise
     if not trusted:
         _sockets.hang_up(sock)
+        who = f"process {pid}" if pid else "the process"  # 0: the kernel did not say
         raise _sockets.Refused(
-            f"process {pid} (uid {uid}) serves {address!r} but could not read and write "
+            f"{who} (uid {uid}) serves {address!r} but could not read and write "
             f"{db_path!r} itself: not a partydbm leader we trust")
 
 
