@@ -227,7 +227,13 @@ class Server:
                                      name="partydbm-serve", daemon=True)
                 self._conns.add(sock)
                 self._threads.add(t)
-                t.start()  # under the lock: stop() must never see an unstarted thread
+                try:
+                    t.start()  # under the lock: stop() must never see an unstarted thread
+                except RuntimeError:  # the interpreter is exiting: 3.12 starts no thread
+                    self._conns.discard(sock)
+                    self._threads.discard(t)
+                    _sockets.hang_up(sock)
+                    return
 
     # -- one follower --------------------------------------------------------------------
     def _serve(self, sock: _sockets.Socket) -> None:
