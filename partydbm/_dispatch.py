@@ -5,13 +5,12 @@ follower that becomes leader to replay its own unanswered requests."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _protocol as P
+from . import _seams
 from ._backend import Backend
 from ._errors import ProtocolError
 
@@ -29,16 +28,6 @@ class Peer:
     uid: int = -1
     gid: int = -1
     groups: set[int] | None = None
-
-
-def _crash_point() -> tuple[str, int] | None:
-    """Test seam: PARTYDBM_CRASH_AT="point[:n]" SIGKILLs the leader at the n-th (default
-    1st) passage through `point` (before_apply, after_apply, mid_scan)."""
-    spec = os.environ.get("PARTYDBM_CRASH_AT")
-    if not spec:
-        return None
-    point, _, n = spec.partition(":")
-    return point, int(n or 1)
 
 
 def brief(obj: Any) -> str:
@@ -62,8 +51,6 @@ class Dispatcher:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._crash = _crash_point()
-        self._passages: dict[str, int] = {}
         self._ops: dict[int, tuple[int, Callable[..., Any]]] = {
             P.GET: (1, self._get),
             P.HAS: (1, lambda peer, rid, key: self._get(peer, rid, key) is not None),
@@ -88,17 +75,10 @@ class Dispatcher:
         return fn(peer, rid, *args)
 
     # -- operations ----------------------------------------------------------------------
-    def _seam(self, point: str) -> None:
-        if self._crash is None or self._crash[0] != point:
-            return
-        n = self._passages[point] = self._passages.get(point, 0) + 1
-        if n >= self._crash[1]:
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def _apply(self, peer: Peer, rid: int, ops: list[tuple[bytes, bytes | None]],
                sync: bool, result: Any = None) -> Any:
         assert peer.client is not None
-        self._seam("before_apply")
+        _seams.passage("before_apply")
         recent = peer.recent
         if result is not None:
             recent = {**recent, rid: result}
@@ -106,7 +86,7 @@ class Dispatcher:
                 del recent[min(recent)]
         self.backend.write(ops, bool(sync), (peer.client, rid, recent))
         peer.applied, peer.recent = rid, recent
-        self._seam("after_apply")
+        _seams.passage("after_apply")
         return result
 
     def _duplicate(self, peer: Peer, rid: int) -> bool:
@@ -164,7 +144,7 @@ class Dispatcher:
         limit = min(max(_check_int(limit, "a page size"), 1), P.MAX_PAGE_ITEMS)
         max_bytes = min(max(_check_int(max_bytes, "a page size"), 1), P.MAX_PAGE_BYTES)
         items, more = self.backend.scan(rng, bool(reverse), bool(keys_only), limit, max_bytes)
-        self._seam("mid_scan")
+        _seams.passage("mid_scan")
         return [items, more]
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _protocol as P
-from . import _sockets
+from . import _seams, _sockets
 from ._backend import Backend, LockHeld, LockTainted, Range, open_db
 from ._client import Connection, Slot
 from ._dispatch import Dispatcher, Peer
@@ -44,11 +44,6 @@ _leftovers: list[Any] = []  # backends inherited through fork: never closed, nev
 _shutting_down = False
 
 MAX_BACKOFF = 0.005
-# Test seam: seconds to wait before resending (or, on promotion, replaying) carried-over
-# requests, so that a test can issue other writes in between.
-_RESEND_DELAY = float(os.environ.get("PARTYDBM_RESEND_DELAY") or 0)
-# Test seam: this process never takes the LOCK (a pure follower).
-_NEVER_LEAD = bool(os.environ.get("PARTYDBM_NEVER_LEAD"))
 
 
 class Policy(Protocol):
@@ -189,7 +184,7 @@ class Engine:
                 if self.backend is None and self._conn is None:
                     self._recover(None, deadline)
                 return
-            if self.path not in _tainted and not _NEVER_LEAD and self._lockfile.try_lock():
+            if self.path not in _tainted and not _seams.never_lead and self._lockfile.try_lock():
                 try:
                     self._promote([])
                 except LockTainted:
@@ -207,8 +202,8 @@ class Engine:
         then serve, then let the fast local path see the backend."""
         backend = open_db(self.path)
         try:
-            if _RESEND_DELAY and slots:
-                time.sleep(_RESEND_DELAY)
+            if _seams.resend_delay and slots:
+                time.sleep(_seams.resend_delay)
             peer = Peer(client=self.client)
             peer.applied, peer.recent = backend.applied(self.client)
             dispatcher = Dispatcher(backend)
@@ -301,8 +296,8 @@ class Engine:
                 return
             conn = self._try_connect(deadline)
             if conn is not None:
-                if _RESEND_DELAY and slots:
-                    time.sleep(_RESEND_DELAY)
+                if _seams.resend_delay and slots:
+                    time.sleep(_seams.resend_delay)
                 conn.resend(slots)
                 self._conn = conn
                 self.generation += 1
@@ -322,7 +317,7 @@ class Engine:
         that inherited LevelDB's lock table through fork, a helper process that can."""
         if self.path in _tainted:
             self._ensure_helper()
-        elif not _NEVER_LEAD:
+        elif not _seams.never_lead:
             lockfile = self._lockfile
             lockfile.wait_in_background(functools.partial(_lock_acquired, self.path,
                                                           lockfile))

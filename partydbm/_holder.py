@@ -19,11 +19,12 @@ import subprocess
 import sys
 from typing import Any
 
-from . import _server
+from . import _seams, _server
 from . import open as party_open
 
 
 def main() -> int:
+    _seams.load(os.environ)  # a test's env={"PARTYDBM_...": ...} for this holder
     _server.serve_only()
     dbs: dict[str, Any] = {}
     for line in sys.stdin:
@@ -65,7 +66,7 @@ class Holder:
 
     def __init__(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
         """`env`: extra environment variables (e.g. the test seams PARTYDBM_CRASH_AT,
-        PARTYDBM_RESEND_DELAY)."""
+        PARTYDBM_RESEND_DELAY, which the holder loads into partydbm._seams)."""
         self.timeout = timeout
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "partydbm._holder"], stdin=subprocess.PIPE,

@@ -219,9 +219,9 @@ def test_hung_leader_times_out_then_recovers(tmp_path: Path) -> None:
 def test_writes_issued_while_becoming_leader_apply_after_the_ones_in_flight(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Predecessor bug 3: writes issued during self-election overtook queued ones."""
-    from partydbm import _engine
+    from partydbm import _seams
 
-    monkeypatch.setattr(_engine, "_RESEND_DELAY", 0.5)  # slow replay on promotion
+    monkeypatch.setattr(_seams, "resend_delay", 0.5)  # slow replay on promotion
     path = tmp_path / "db"
     a = _leader(path, "before_apply")
     try:

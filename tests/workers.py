@@ -21,6 +21,7 @@ from typing import Any
 from mp_util import decode, encode
 
 import partydbm
+from partydbm import _seams
 
 DEADLINE = 30.0
 
@@ -491,4 +492,5 @@ WORKERS = {f.__name__: f for f in (repl, turnover, plain_leveldb, uid_probe, for
                                      fork_leader_returns)}
 
 if __name__ == "__main__":
+    _seams.load(os.environ)  # a test's env={"PARTYDBM_...": ...} for this worker
     WORKERS[sys.argv[1]](*sys.argv[2:])

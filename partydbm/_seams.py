@@ -1,0 +1,50 @@
+"""Test seams: switches that tests turn on in the processes they start.
+
+The library never reads these from the environment by itself. A test's worker process
+(tests/workers.py, the holder, the torture worker) calls `load(os.environ)` first
+thing, so a test can still say `env={"PARTYDBM_NEVER_LEAD": "1"}` for a child; in
+every other process the seams stay off. The core reads them at the moment they
+matter (never copies them at import), so a test may also flip them in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping
+
+never_lead = False
+"""This process never takes the LOCK (a pure follower)."""
+
+resend_delay = 0.0
+"""Seconds to wait before resending (or, on promotion, replaying) carried-over requests,
+so that a test can issue other writes in between."""
+
+crash_at: tuple[str, int] | None = None
+"""(point, n): SIGKILL this process at the n-th passage through `point` (before_apply,
+after_apply, mid_scan)."""
+
+_passages: dict[str, int] = {}
+
+
+def load(env: Mapping[str, str]) -> None:
+    """Set the seams from PARTYDBM_NEVER_LEAD, PARTYDBM_RESEND_DELAY and
+    PARTYDBM_CRASH_AT ("point[:n]") in `env`."""
+    global never_lead, resend_delay, crash_at
+    never_lead = bool(env.get("PARTYDBM_NEVER_LEAD"))
+    resend_delay = float(env.get("PARTYDBM_RESEND_DELAY") or 0)
+    spec = env.get("PARTYDBM_CRASH_AT")
+    if spec:
+        point, _, n = spec.partition(":")
+        crash_at = (point, int(n or 1))
+    else:
+        crash_at = None
+
+
+def passage(point: str) -> None:
+    """Count a passage through `point`; SIGKILL the process if crash_at says so."""
+    if crash_at is None or crash_at[0] != point:
+        return
+    n = _passages[point] = _passages.get(point, 0) + 1
+    if n >= crash_at[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
