@@ -19,13 +19,12 @@ import subprocess
 import sys
 from typing import Any
 
-from . import _seams, _server
-from . import open as party_open
+from . import _seams
+from ._open import open_to_serve
 
 
 def main() -> int:
     _seams.load(os.environ)  # a test's env={"PARTYDBM_...": ...} for this holder
-    _server.serve_only()
     dbs: dict[str, Any] = {}
     for line in sys.stdin:
         words = line.split()
@@ -46,7 +45,7 @@ def _command(dbs: dict[str, Any], words: list[str]) -> str:
         db = dbs.pop(path, None)
         if db is not None:
             db.close()
-        db = dbs[path] = party_open(path, words[2])
+        db = dbs[path] = open_to_serve(path, words[2], timeout=10.0)
         return "ok leader" if db.is_leader else "ok follower"
     if words[0] == "close":
         db = dbs.pop(bytes.fromhex(words[1]).decode(), None)

@@ -328,7 +328,7 @@ def test_a_lock_granted_to_a_lockfile_closed_meanwhile_is_dropped_quietly(
     """The race behind a crash of the waiter thread under load: the waiter got the LOCK,
     then release() closed the LockFile (it saw no waiter left) before the callback ran.
     The close gave the lock back; the callback must not touch the closed fd."""
-    from partydbm import _engine
+    from partydbm import _registry
     from partydbm._election import LockFile
 
     path = str(tmp_path / "db")
@@ -339,7 +339,7 @@ def test_a_lock_granted_to_a_lockfile_closed_meanwhile_is_dropped_quietly(
         lockfile.close()
     else:
         lockfile.retire()
-    _engine._lock_acquired(path, lockfile)  # raised ValueError (fd -1) before
+    _registry._lock_acquired(path, lockfile)  # raised ValueError (fd -1) before
     assert lockfile.fd == -1
     with partydbm.open(path, "c") as db:  # the lock really is free
         assert db.is_leader

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import partydbm
+from partydbm import _protocol as P
 
 BAD_FLAG_MESSAGE = "Flag must be one of 'r', 'w', 'c', or 'n', not {!r}"
 GOOD_FLAGS = ["r", "w", "c", "n", "rf", "rs", "ru", "wf", "ws", "wu", "cf", "cs", "cu",
@@ -316,6 +317,21 @@ def test_every_error_pickles_keeping_type_and_args(cls: type[OSError], args: tup
         assert back.errno == exc.errno
         assert back.filename == exc.filename
         assert str(back) == str(exc)
+
+
+@pytest.mark.parametrize("cls", ALL_ERRORS)
+@pytest.mark.parametrize("args", [(), ("a message",), (errno.ENOSPC, "No space left"),
+                                  (errno.EEXIST, "exists", "/some/path")])
+def test_every_error_crosses_the_wire_keeping_type_errno_and_text(
+        cls: type[OSError], args: tuple) -> None:
+    """What a follower raises for an error on the leader: same class, errno and text
+    (a full disk is ENOSPC in both roles)."""
+    from partydbm._errors import from_wire, to_wire
+
+    exc = cls(*args)
+    back = from_wire(P.unpack(P.pack(to_wire(exc))))
+    assert type(back) is cls
+    assert (back.errno, back.filename, str(back)) == (exc.errno, exc.filename, str(exc))
 
 
 def test_a_raised_open_error_pickles_with_its_filename(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def repl() -> None:
     the test opened (in NS) open: interpreter exit, no explicit close."""
     NS.update(partydbm=partydbm, os=os, sys=sys, time=time, threading=threading,
               random=random, wait_file=wait_file, thread_workload=thread_workload,
-              write_range=write_range, write_through=write_through)
+              write_range=write_range, write_through=write_through, race=race)
     while True:
         line = sys.stdin.readline()
         if not line:
@@ -176,6 +176,126 @@ def _thread_step(h: Any, rng: random.Random, model: dict[bytes, bytes], prefix: 
         assert got == sorted(model.items()), (got, sorted(model.items()))
     else:
         assert h.pop(key, None) == model.pop(key, None), key
+
+
+# -- races over the same keys ----------------------------------------------------------------
+def race(handle: Any, op: str, keys: list[bytes], seed: int, start: str,
+         nthreads: int = 2, count: int = 0) -> list[list[Any]]:
+    """`nthreads` threads each apply `op` to every key of `keys` in the same order (so that
+    they meet on every key: the most contention), all starting once the file `start`
+    exists (a barrier across processes). `seed` is unused by the ops listed here.
+    Returns [key, outcome] pairs for every attempt. `op`:
+      pop        -> the value popped, or None (missing)
+      del        -> True if `del` succeeded, False on KeyError
+      setdefault -> what setdefault(key, b"<pid>-<thread>") returned
+      popitem    -> [key, value] for every popitem() until KeyError (keys unused)
+      incr       -> `count` increments of each key by compare_and_set; the outcome is
+                    the number of attempts (a retry when another writer got there first)
+    """
+    out: list[list[Any]] = []
+    errors: list[str] = []
+    me = os.getpid()
+
+    def one(key: bytes, t: int) -> Any:
+        if op == "pop":
+            return handle.pop(key, None)
+        if op == "del":
+            try:
+                del handle[key]
+                return True
+            except KeyError:
+                return False
+        if op == "setdefault":
+            return handle.setdefault(key, b"%d-%d" % (me, t))
+        if op == "incr":
+            attempts = 0
+            for _ in range(count):
+                while True:
+                    attempts += 1
+                    old = handle.get(key)
+                    new = b"%d" % (int(old or 0) + 1)
+                    if handle.compare_and_set(key, old, new):
+                        break
+            return attempts
+        raise ValueError(op)
+
+    def run(t: int) -> None:
+        try:
+            wait_file(start)
+            if op == "popitem":
+                while True:
+                    try:
+                        out.append(list(handle.popitem()))
+                    except KeyError:
+                        return
+            for key in keys:
+                out.append([key, one(key, t)])
+        except BaseException:
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(nthreads)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + DEADLINE
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0.001))
+    if errors or any(t.is_alive() for t in threads):
+        raise AssertionError(f"race {op}: {errors or 'threads still running'}")
+    return out
+
+
+# -- closing a handle under its threads ---------------------------------------------------------
+def close_under_threads(path: str, rounds: str, seed: str) -> None:
+    """Each round: open `path`, start four threads that read, iterate, write and list
+    keys through the one handle, close it from this thread after a few milliseconds,
+    and check that every thread ended with ClosedError (or had finished). A crash of
+    the process (SIGSEGV) is the test's exit status; anything else is reported."""
+    rng = random.Random(int(seed))
+    problems: list[str] = []
+    leader_rounds = 0
+    for r in range(int(rounds)):
+        handle = partydbm.open(path, timeout=DEADLINE)
+        leader_rounds += handle.is_leader
+        if r == 0:
+            handle.update({b"k%04d" % i: b"v" * 50 for i in range(2000)})
+        problems += [f"round {r}: {p}" for p in _close_round(handle, rng)]
+    report({"problems": problems, "leader_rounds": leader_rounds, "rounds": int(rounds)})
+
+
+def _close_round(handle: Any, rng: random.Random) -> list[str]:
+    ended: list[str] = []
+    problems: list[str] = []
+
+    def work(kind: str) -> None:
+        try:
+            while True:
+                if kind == "read":
+                    handle.get(b"k%04d" % rng.randrange(2000))
+                elif kind == "iterate":
+                    for _ in handle.items():
+                        pass
+                elif kind == "write":
+                    handle[b"k%04d" % rng.randrange(2000)] = b"w" * 50
+                else:
+                    handle.keys()
+        except partydbm.ClosedError:
+            ended.append(kind)
+        except BaseException:
+            problems.append(f"{kind}: {traceback.format_exc()}")
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True)
+               for k in ("read", "iterate", "write", "keys")]
+    for t in threads:
+        t.start()
+    time.sleep(rng.uniform(0.001, 0.01))
+    handle.close()
+    for t in threads:
+        t.join(DEADLINE)
+    if any(t.is_alive() for t in threads):
+        problems.append("a thread still runs after close()")
+    elif sorted(ended) != ["iterate", "keys", "read", "write"] and not problems:
+        problems.append(f"threads ended {sorted(ended)}")
+    return problems
 
 
 # -- one-shot workers ----------------------------------------------------------------------
@@ -487,8 +607,9 @@ def _returning_child(handle: Any, conn: Any) -> None:
         conn.send(encode({"error": traceback.format_exc()}))
 
 
-WORKERS = {f.__name__: f for f in (repl, turnover, plain_leveldb, uid_probe, fork_from_leader,
-                                     fork_outlive_close, fork_outlive_exit, fork_from_follower,
+WORKERS = {f.__name__: f for f in (repl, turnover, close_under_threads, plain_leveldb,
+                                     uid_probe, fork_from_leader, fork_outlive_close,
+                                     fork_outlive_exit, fork_from_follower,
                                      fork_leader_returns)}
 
 if __name__ == "__main__":
