@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -27,12 +28,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _seams, _sockets
+from . import _ring, _seams, _sockets
 from ._backend import LockHeld, LockTainted, open_db
+from ._cache import Cache, CachedRoute
 from ._client import Connection, Slot
 from ._dispatch import Dispatcher, Peer
 from ._election import LockFile, shown_address, socket_address
 from ._errors import CLOSED_MESSAGE, ClosedError, LeaderLostError, Timeout, error
+from ._publish import Publisher
 from ._remote import RemoteRoute, Unrouted
 from ._routes import CLOSED, ClosedRoute, LocalRoute
 from ._server import Observer, Server
@@ -54,6 +57,7 @@ class Engine:
         self.refs = 0
         self.closed = False
         self.serve_only = False  # set before start(): this process only serves
+        self.cache_size = 0  # bytes a follower caches (the largest any handle asked for)
         self.route: Route = Unrouted(self)
         self.server: Server | None = None
         self._lockfile = lockfile
@@ -127,7 +131,12 @@ class Engine:
         requests in order (writes the old leader applied are recognised and skipped),
         then serve, then let the handles' requests take the local route. Raises with
         the LOCK still held: the caller gives it back."""
-        store = Store(open_db(self.path))
+        backend = open_db(self.path)
+        # Before anything is read or written: a follower that has not noticed the old
+        # leader's death must stop answering from its cache (_cache.py).
+        _ring.retire_at(self.path)
+        _seams.passage("promote")  # the old ring is retired; nothing served yet
+        store = Store(backend, Publisher(self.path, stat.S_IMODE(os.stat(self.path).st_mode)))
         try:
             if _seams.resend_delay and slots:
                 time.sleep(_seams.resend_delay)
@@ -237,7 +246,7 @@ class Engine:
                 if _seams.resend_delay and slots:
                     time.sleep(_seams.resend_delay)
                 conn.resend(slots)
-                self.route = RemoteRoute(self, conn)
+                self.route = self._follow(conn)
                 threading.Thread(target=self._watch, args=(conn,), daemon=True,
                                  name=f"partydbm-hangup-watch {self.path}").start()
                 return
@@ -247,6 +256,28 @@ class Engine:
                 raise self._timeout_error(deadline)
             self._cond.wait(backoff if remaining is None else min(backoff, remaining))
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _follow(self, conn: Connection) -> RemoteRoute:
+        """The route through `conn`: with a cache if the leader offered its change ring
+        and this process wants one."""
+        epoch = conn.ring_epoch
+        if epoch is not None and self.cache_size > 0:
+            try:
+                return CachedRoute(self, conn, Cache(_ring.View(self.path, epoch),
+                                                     self.cache_size))
+            except (OSError, ValueError):
+                pass  # replaced or retired meanwhile: read from the leader
+        return RemoteRoute(self, conn)
+
+    def want_cache(self, size: int) -> None:
+        """A handle asks for a follower cache of `size` bytes: the process's cache (one
+        per database) holds the largest size asked for, from its next leader on (and
+        from now on if it has one already)."""
+        with self._cond:
+            self.cache_size = max(self.cache_size, size)
+            route = self.route
+            if isinstance(route, CachedRoute):
+                route.cache.limit = self.cache_size
 
     def _contend(self) -> None:
         """Make sure this process competes for leadership: a thread blocked on the LOCK
@@ -276,7 +307,7 @@ class Engine:
         try:
             conn = Connection.open(self.address, self.client, self._rids,
                                    None if remaining is None else max(remaining, 0.001),
-                                   self.path)
+                                   self.path, ring=self.cache_size > 0 and _ring.ORDERED_MEMORY)
         except _sockets.Refused as exc:  # not a leader we talk to: wait for a real one
             self._refused = str(exc)
             return None

@@ -23,11 +23,13 @@ so that a test can issue other writes in between."""
 
 crash_at: tuple[str, int] | None = None
 """(point, n): SIGKILL this process at the n-th passage through `point` (before_apply,
-after_apply, mid_scan)."""
+after_apply, mid_scan; after_write, mid_append: publishing a change to the ring;
+promote: taking over, the old ring retired and nothing served yet)."""
 
 pauses: dict[str, float] = {}
 """point -> seconds to sleep there ("rmw": between the read and the write of a
-read-modify-write on the leader, to widen the window a race test needs)."""
+read-modify-write on the leader; "after_write": between a published write and the
+publication of its outcome; to widen the window a race test needs)."""
 
 _passages: dict[str, int] = {}
 

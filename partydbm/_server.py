@@ -186,6 +186,8 @@ class Server:
         except Exception as exc:  # a bug of ours: tell the follower, keep the leader up
             _send_quietly(sock, P.pack([None, False, _wire(exc)]))
         finally:
+            if peer.attached:
+                self.store.publisher.detach()
             with conn.lock:
                 conn.end = True
                 passing.unwatch(conn)  # before the hang-up frees the fd number
@@ -300,7 +302,11 @@ class Server:
         if type(client) is not bytes or not 0 < len(client) <= P.MAX_CLIENT_ID:
             return refuse("hello without a valid client id")
         peer.load(self.store, client)
-        return pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}]), False
+        epoch = None
+        if info.get("ring") is True and not peer.attached:
+            epoch = self.store.publisher.attach()
+            peer.attached = epoch is not None
+        return pack([rid, True, {"v": P.VERSION, "pid": os.getpid(), "ring": epoch}]), False
 
 
 def _serving_niceness() -> int | None:
