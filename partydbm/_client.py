@@ -97,14 +97,15 @@ class Connection:
     @classmethod
     def open(cls, address: str | bytes, client: bytes, rids: Iterator[int],
              timeout: float | None, db_path: str | None = None) -> Connection:
-        """Connect and say hello. Raises OSError (no leader there; _sockets.Refused: a
-        process that could not use `db_path` itself serves the address) or error."""
-        sock = _sockets.connect(address, timeout)
+        """Connect and say hello, both within `timeout`. Raises OSError (no leader there;
+        _sockets.Refused: a process that could not use `db_path` itself serves the
+        address; _sockets.Busy: its backlog stayed full throughout) or error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sock = _sockets.connect(address, deadline)
         if db_path is not None:
             _check_leader(sock, address, db_path)
         conn = cls(sock, rids)
         hello = Slot(P.HELLO, ({"v": P.VERSION, "client": client, "pid": os.getpid()},), True)
-        deadline = None if timeout is None else time.monotonic() + timeout
         with conn.send_lock:
             hello.rid = 0
             hello.conn = conn

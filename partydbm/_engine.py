@@ -277,6 +277,9 @@ class Engine:
             conn = Connection.open(self.address, self.client, self._rids,
                                    None if remaining is None else max(remaining, 0.001),
                                    self.path)
+        except _sockets.Busy as exc:  # it retried until our deadline: say why we failed
+            raise Timeout(f"no partydbm leader answered for {self.path!r} in time: "
+                          f"{exc.strerror}") from exc
         except _sockets.Refused as exc:  # not a leader we talk to: wait for a real one
             self._refused = str(exc)
             return None
