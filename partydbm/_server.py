@@ -51,6 +51,7 @@ from ._store import Store
 FLUSH_BYTES = 256 * 1024  # replies to one read are sent in pieces of about this much
 MAX_ERROR_TEXT = 4096  # characters of an error message sent to a follower
 ACCEPT_BACKOFF = 0.05  # seconds between accept() attempts while out of file descriptors
+FD_SPARE = 64  # fds a leader keeps free (raising its soft limit) for LevelDB and the app
 SERVE_NICENESS = 10
 """How much nicer the serving threads run than the thread that takes the lead (Linux:
 niceness is per thread; only with 2 CPUs or more)."""
@@ -133,11 +134,19 @@ class Server:
             except OSError as exc:
                 if self._closing:
                     return
+                # The connection waits in the backlog. Out of this process's quota of fds,
+                # take more (a crowd of followers must not wait for fds that may never
+                # come back); at the hard limit, or short of anything else, retrying at
+                # once would spin a core until some handler gives its fd back.
+                if exc.errno == errno.EMFILE and _sockets.more_files(None, FD_SPARE):
+                    continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The connection waits in the backlog; retrying at once would spin a
-                    # core until some handler gives an fd back.
                     time.sleep(ACCEPT_BACKOFF)
                 continue
+            # Connections must never take the fds LevelDB needs (it keeps the error of a
+            # compaction that could not create its file and fails every later write
+            # with it): keep FD_SPARE of them free.
+            _sockets.more_files(sock.fileno(), FD_SPARE)
             with self._lock:
                 if self._closing:
                     _sockets.hang_up(sock)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import resource
 import select
 import socket
 import stat
@@ -123,6 +124,24 @@ def _kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a directory"
     return f"file type {stat.S_IFMT(mode):o}"
+
+
+def more_files(newest: int | None, spare: int) -> bool:
+    """Make room for more open files in this process: when the fd `newest` (the lowest
+    free one when it was made, so about how many are open) leaves fewer than `spare`
+    under the soft RLIMIT_NOFILE, or when an open just failed with EMFILE (`newest`
+    None), double the soft limit, up to the hard one. False if there is no room."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or (newest is not None and newest + spare < soft):
+            return True
+        more = soft * 2 if hard == resource.RLIM_INFINITY else min(soft * 2, hard)
+        if more <= soft:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (more, hard))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def serve_options(sock: socket.socket) -> None:
