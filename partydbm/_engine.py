@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -218,7 +219,7 @@ class Engine:
     def _find_route(self, slots: list[Slot], deadline: float | None) -> None:
         """Connect to the leader, or become it. Called with `_cond` held; waits on the
         LOCK (through the waiter thread) rather than polling it."""
-        backoff = 0.0002
+        backoff, start = 0.0002, time.monotonic()
         while True:
             if self.closed:
                 raise ClosedError(CLOSED_MESSAGE)
@@ -245,8 +246,12 @@ class Engine:
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise self._timeout_error(deadline)
-            self._cond.wait(backoff if remaining is None else min(backoff, remaining))
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            pause = random.uniform(backoff / 2, backoff)  # a crowd must not poll in step
+            self._cond.wait(pause if remaining is None else min(pause, remaining))
+            # Doubling up to MAX_BACKOFF, and beyond it to a tenth of the time waited so
+            # far: hundreds of processes polling every 5 ms for a leader that is slow to
+            # appear (a helper starting) took the CPU it needed to start.
+            backoff = min(backoff * 2, max(MAX_BACKOFF, (time.monotonic() - start) / 10))
 
     def _contend(self) -> None:
         """Make sure this process competes for leadership: a thread blocked on the LOCK
