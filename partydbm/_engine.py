@@ -32,7 +32,7 @@ from . import _seams, _sockets
 from ._backend import LockHeld, LockTainted, open_db
 from ._client import Connection, Slot
 from ._dispatch import Dispatcher, Peer
-from ._election import LockFile, shown_address, socket_address
+from ._election import HelperLock, LockFile, shown_address, socket_address
 from ._errors import CLOSED_MESSAGE, ClosedError, LeaderLostError, Timeout, error
 from ._remote import RemoteRoute, Unrouted
 from ._routes import CLOSED, ClosedRoute, LocalRoute
@@ -65,6 +65,7 @@ class Engine:
         self._rerouting = False
         self._lock_won = False
         self._helper: subprocess.Popen[bytes] | None = None
+        self._helper_lock: HelperLock | None = None
         self._refused = ""  # why the last thing at our address was not talked to
         self._new_identity()
 
@@ -316,6 +317,10 @@ class Engine:
         leads through a fresh helper process that lives as long as it does."""
         if self._helper is not None and self._helper.poll() is None:
             return
+        if self._helper_lock is None:
+            self._helper_lock = HelperLock(self.path)
+        if not self._helper_lock.try_lock():
+            return  # another such process keeps a helper: one for the whole crowd
         self._helper = subprocess.Popen(
             [sys.executable, "-m", "partydbm._helper", self.path],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
@@ -344,6 +349,8 @@ class Engine:
                     slot.finish(exc=ClosedError(CLOSED_MESSAGE))
             if self._helper is not None and self._helper.stdin is not None:
                 self._helper.stdin.close()
+            if self._helper_lock is not None:
+                self._helper_lock.release()
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
@@ -361,6 +368,9 @@ class Engine:
             route.conn.forget_after_fork()
         self.route = Unrouted(self)  # the next request finds a route of its own
         self._helper = None
+        if self._helper_lock is not None:
+            self._helper_lock.release()  # the parent's: this closes the child's fd only
+            self._helper_lock = None
         self._rerouting = False
         self._lock_won = False
         self._new_identity()
