@@ -115,6 +115,7 @@ class Server:
     def forget_after_fork(self) -> None:
         """In a forked child: close our copies of the fds, end nothing for the parent."""
         if self._listener is not None:
+            _sockets.drop_accepted(self._listener)
             _sockets.drop(self._listener)
         for sock in self._conns:
             _sockets.drop(sock)

@@ -256,6 +256,33 @@ def drop(sock: socket.socket) -> None:
         pass
 
 
+def drop_accepted(listener: socket.socket) -> None:
+    """In a forked child: close this process's copy of every connection accepted on
+    `listener`, including one accept() had returned but no Python object held yet when
+    the fork copied it (found by its name, the listener's). Such a copy kept the
+    connection open after the leader died: its follower waited for an answer until
+    its timeout instead of failing over."""
+    try:
+        name, own = listener.getsockname(), listener.fileno()
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            if fd == own or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # closed meanwhile (the listing's own fd)
+        try:
+            ours = sock.family == socket.AF_UNIX and sock.getsockname() == name
+        except OSError:
+            ours = False
+        sock.detach()
+        if ours:
+            os.close(fd)
+
+
 def hang_up(sock: socket.socket) -> None:
     """End the connection for every holder and wake any thread blocked on it."""
     try:
