@@ -2,6 +2,7 @@
 
     python tests/crowd_worker.py open PATH N [--lead] [--leader-nofile F] [--timeout T]
     python tests/crowd_worker.py failover PATH N [--timeout T] [--writes M]
+    python tests/crowd_worker.py prefork PATH N [--timeout T] [--writes M]
 
 prints one JSON line, the report (see `_report`). tests/test_crowd.py checks it;
 bench/crowd.py prints its timings.
@@ -21,6 +22,10 @@ parent opens after the kill, M more on whoever leads now. Each child writes
 b"c<i>-<j>" and overwrites b"c<i>" with j on every step, so a write applied twice
 (an old value on top of a newer one) or lost shows in the parent's final read.
 
+`prefork`: the crowd is forked by the leader itself, which the parent SIGKILLs once
+every child wrote M keys; then each writes M more (see PreforkStorm). The report says
+how many helper processes were alive at the end.
+
 The parent never opens the database before the children are gone (a child forked from
 a leader could not lead, DESIGN.md trap 2), then reads it back and compares with the
 model built from what each child says was acknowledged. Every wait has a deadline;
@@ -33,214 +38,31 @@ import argparse
 import json
 import os
 import resource
-import select
 import signal
-import statistics
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from crowd_util import (
+    Child,
+    Crowd,
+    Gate,
+    be_subreaper,
+    helpers_alive,
+    model_of,
+    reap_all,
+    stats,
+    summary,
+)
 
 import partydbm
 from partydbm import _seams
 from partydbm._holder import Holder
 
 OPEN_CONCURRENCY = 8  # failover: children opening at once (below any backlog)
-MAX_REPORT = 3500  # bytes: one write(2) to a pipe below PIPE_BUF is never interleaved
-
-
-class Gate:
-    """All children block in read() until the parent closes the write end."""
-
-    def __init__(self) -> None:
-        self.r, self.w = os.pipe()
-
-    def child_side(self) -> None:
-        os.close(self.w)
-
-    def wait(self) -> None:
-        while os.read(self.r, 1):
-            pass
-
-    def open(self) -> None:
-        os.close(self.w)
-
-
-def _key(i: int, j: int) -> bytes:
-    return b"c%d-%d" % (i, j)
-
-
-def _value(i: int, j: int) -> bytes:
-    return b"v%d-%d" % (i, j)
-
-
-def _last(i: int) -> bytes:
-    return b"c%d" % i
-
-
-class Child:
-    """What runs in each forked child; `report` writes its one JSON line."""
-
-    def __init__(self, i: int, results_w: int) -> None:
-        self.i = i
-        self.results_w = results_w
-        self.out: dict[str, Any] = {"i": i}
-
-    def report(self) -> None:
-        line = json.dumps(self.out).encode()
-        if len(line) > MAX_REPORT:
-            self.out["error"] = str(self.out.get("error"))[:300]
-            self.out.pop("bad", None)
-            line = json.dumps(self.out).encode()
-        os.write(self.results_w, line + b"\n")
-
-    def write(self, db: Any, j: int) -> None:
-        t = time.monotonic()
-        with db.write_batch() as wb:  # one request: the pair is acknowledged together
-            wb.put(_key(self.i, j), _value(self.i, j))
-            wb.put(_last(self.i), b"%d" % j)
-        self.out["acked"] = j + 1
-        self.out["max_write_s"] = max(self.out.get("max_write_s", 0.0), time.monotonic() - t)
-
-    def check(self, db: Any, writes: int) -> None:
-        bad = [j for j in range(writes) if db.get(_key(self.i, j)) != _value(self.i, j)]
-        if db.get(_last(self.i)) != b"%d" % (writes - 1):
-            bad.append(-1)
-        self.out["bad"] = bad
-
-
-def _fork(n: int, body: Callable[[Child], None], results_w: int,
-          gates: list[Gate]) -> list[int]:
-    pids = []
-    for i in range(n):
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            code = 1
-            child = Child(i, results_w)
-            try:
-                for g in gates:
-                    g.child_side()
-                body(child)
-                code = 0
-            except BaseException as exc:
-                child.out["error"] = f"{type(exc).__name__}: {exc}"
-                try:
-                    child.report()
-                except BaseException:
-                    pass
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    return pids
-
-
-class Crowd:
-    """The parent's side: children, their reports, deadlines, reaping."""
-
-    def __init__(self, n: int, deadline: float) -> None:
-        self.n = n
-        self.deadline = time.monotonic() + deadline
-        self.results_r, self.results_w = os.pipe()
-        self.ready_r, self.ready_w = os.pipe()
-        self.reports: dict[int, dict[str, Any]] = {}
-        self.pids: list[int] = []
-        self.exit_codes: dict[int, int] = {}
-        self._buf = b""
-
-    def fork(self, body: Callable[[Child], None], gates: list[Gate]) -> None:
-        self.pids = _fork(self.n, body, self.results_w, gates)
-        os.close(self.results_w)
-
-    def wait_bytes(self, fd: int, count: int) -> bytes:
-        """Read `count` bytes of `fd` (fewer at the deadline)."""
-        got = b""
-        while len(got) < count:
-            left = self.deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                break
-            chunk = os.read(fd, count - len(got))
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-    def collect(self, count: int) -> None:
-        """Read reports until `count` children have reported (or the deadline)."""
-        while len(self.reports) < count:
-            left = self.deadline - time.monotonic()
-            if left <= 0 or not select.select([self.results_r], [], [], left)[0]:
-                return
-            chunk = os.read(self.results_r, 65536)
-            if not chunk:
-                return
-            self._buf += chunk
-            *lines, self._buf = self._buf.split(b"\n")
-            for line in lines:
-                rep = json.loads(line)
-                self.reports[rep["i"]] = rep
-
-    def reap(self) -> None:
-        """Wait for every child until the deadline, then SIGKILL the rest."""
-        for pid in self.pids:
-            while pid not in self.exit_codes:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    self.exit_codes[pid] = os.waitstatus_to_exitcode(status)
-                elif time.monotonic() > self.deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    _, status = os.waitpid(pid, 0)
-                    self.exit_codes[pid] = os.waitstatus_to_exitcode(status)
-                else:
-                    time.sleep(0.005)
-
-
-def _summary(crowd: Crowd, path: Path, model: dict[bytes, bytes],
-             maybe: set[bytes]) -> dict[str, Any]:
-    """Successes, errors by message, and the database read back against the model
-    (`maybe`: keys of writes in flight when a child failed, either way is right)."""
-    errors = Counter(r["error"].split("\n")[0][:160] for r in crowd.reports.values()
-                     if "error" in r)
-    with partydbm.open(path, "r") as db:
-        found = dict(db.items())
-    lost = sorted(k for k, v in model.items() if found.get(k) != v)
-    extra = sorted(k for k in found if k not in model and k not in maybe)
-    return {
-        "n": crowd.n,
-        "ok": sum(1 for r in crowd.reports.values() if r.get("ok")),
-        "reported": len(crowd.reports),
-        "errors": dict(errors),
-        "bad_exits": sum(1 for c in crowd.exit_codes.values() if c != 0),
-        "lost": [k.decode() for k in lost[:20]],
-        "lost_count": len(lost),
-        "unexpected": [k.decode() for k in extra[:20]],
-        "leaders": sum(1 for r in crowd.reports.values() if r.get("leader")),
-    }
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    return {"median": round(statistics.median(values), 4), "max": round(max(values), 4)}
-
-
-def _model(crowd: Crowd, total: int) -> tuple[dict[bytes, bytes], set[bytes]]:
-    """What the database must hold after each child wrote `total` steps, as far as each
-    says they were acknowledged; and the keys a child that failed may or may not have
-    written (its write in flight)."""
-    model: dict[bytes, bytes] = {}
-    maybe: set[bytes] = set()
-    for i in range(crowd.n):
-        acked = crowd.reports.get(i, {}).get("acked", 0)
-        model.update({_key(i, j): _value(i, j) for j in range(acked)})
-        if acked == total:
-            model[_last(i)] = b"%d" % (acked - 1)
-        else:
-            maybe.update({_key(i, acked), _last(i)})
-    return model, maybe
 
 
 # -- the open storm -------------------------------------------------------------------------
@@ -292,13 +114,13 @@ def run_open(path: Path, n: int, lead: bool, timeout: float,
         wall = storm.run()
         if holder is not None:
             holder.close()
-        model, maybe = _model(storm.crowd, 1)
+        model, maybe = model_of(storm.crowd, 1)
         if lead:
             model[b"seed"] = b"s"
         reports = storm.crowd.reports.values()
-        out = _summary(storm.crowd, path, model, maybe)
+        out = summary(storm.crowd, path, model, maybe)
         out["seed_seen"] = sum(1 for r in reports if r.get("seed") == "s")
-        out["open_s"] = _stats([r["open_s"] for r in reports if "open_s" in r])
+        out["open_s"] = stats([r["open_s"] for r in reports if "open_s" in r])
         out["all_reported_s"] = round(wall, 4)
         return out
     finally:
@@ -366,22 +188,100 @@ def run_failover(path: Path, n: int, writes: int, timeout: float) -> dict[str, A
         assert holder.open(path) == "leader"
         storm = FailoverStorm(path, n, writes, timeout)
         opened, t_kill = storm.run(holder)
-        model, maybe = _model(storm.crowd, 3 * writes)
-        reports = storm.crowd.reports.values()
-        out = _summary(storm.crowd, path, model, maybe)
+        model, maybe = model_of(storm.crowd, 3 * writes)
+        out = summary(storm.crowd, path, model, maybe)
         out["opened_before_kill"] = opened
-        ends = [r["t_end"] - t_kill for r in reports if "t_end" in r]
-        out["all_done_after_kill_s"] = round(max(ends), 4) if ends else None
-        out["max_write_s"] = _stats([r["max_write_s"] for r in reports if "max_write_s" in r])
+        out.update(_after_kill(storm.crowd, t_kill))
         return out
     finally:
         holder.kill()
 
 
+def _after_kill(crowd: Crowd, t_kill: float) -> dict[str, Any]:
+    """When the last child was done, after the kill; the longest single write of each."""
+    reports = crowd.reports.values()
+    ends = [r["t_end"] - t_kill for r in reports if "t_end" in r]
+    return {"all_done_after_kill_s": round(max(ends), 4) if ends else None,
+            "max_write_s": stats([r["max_write_s"] for r in reports if "max_write_s" in r])}
+
+
+# -- the failover storm of children forked from the leader -----------------------------------
+class PreforkStorm:
+    """A leader process P (which the parent forks, and later SIGKILLs) opens PATH and
+    forks the crowd, which uses P's handle (a server's workers forked after it opened
+    the database): they can never lead themselves (DESIGN.md trap 2), so a helper
+    process must lead for them, and one is enough."""
+
+    def __init__(self, path: Path, n: int, writes: int, timeout: float) -> None:
+        self.path, self.writes, self.timeout = path, writes, timeout
+        self.crowd = Crowd(n, timeout + 60)
+        self.after, self.close = Gate(), Gate()
+        self.db: Any = None
+
+    def leader(self) -> None:
+        os.setpgid(0, 0)  # P and all it starts: one group for the parent to kill
+        self.db = partydbm.open(self.path, "c", timeout=self.timeout)
+        assert self.db.is_leader
+        self.crowd.fork(self.child, [self.after, self.close])
+        while True:
+            signal.pause()
+
+    def child(self, child: Child) -> None:
+        with self.db as db:
+            try:
+                for j in range(self.writes):
+                    child.write(db, j)
+            finally:
+                os.write(self.crowd.ready_w, b"r")
+            self.after.wait()  # P is gone
+            for j in range(self.writes, 2 * self.writes):
+                child.write(db, j)
+            child.out["t_end"] = time.monotonic()
+            child.check(db, 2 * self.writes)
+            child.out["ok"] = not child.out["bad"]
+            child.report()
+            self.close.wait()
+
+    def run(self) -> tuple[int, float]:
+        """(the helper processes alive once every child wrote after P's death, when P
+        was killed)."""
+        be_subreaper()  # P's children are reparented here when it dies
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.leader()
+            finally:
+                os._exit(1)
+        crowd = self.crowd
+        os.close(crowd.results_w)
+        try:
+            crowd.wait_bytes(crowd.ready_r, crowd.n)
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            self.after.open()
+            crowd.collect(crowd.n)
+            return helpers_alive(self.path), t_kill
+        finally:
+            self.close.open()
+            codes = reap_all(pid, crowd.deadline)
+            pids = {r["pid"] for r in crowd.reports.values()}
+            crowd.exit_codes = {p: c for p, c in codes.items() if p in pids}
+
+
+def run_prefork(path: Path, n: int, writes: int, timeout: float) -> dict[str, Any]:
+    storm = PreforkStorm(path, n, writes, timeout)
+    helpers, t_kill = storm.run()
+    model, maybe = model_of(storm.crowd, 2 * writes)
+    out = summary(storm.crowd, path, model, maybe)
+    out["helpers"] = helpers
+    out.update(_after_kill(storm.crowd, t_kill))
+    return out
+
+
 def main() -> int:
     _seams.load(os.environ)  # a test's env={"PARTYDBM_...": ...}, for the forked crowd too
     ap = argparse.ArgumentParser()
-    ap.add_argument("storm", choices=["open", "failover"])
+    ap.add_argument("storm", choices=["open", "failover", "prefork"])
     ap.add_argument("path", type=Path)
     ap.add_argument("n", type=int)
     ap.add_argument("--lead", action="store_true", help="open: a Holder leads first")
@@ -392,8 +292,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.storm == "open":
         out = run_open(args.path, args.n, args.lead, args.timeout, args.leader_nofile)
-    else:
+    elif args.storm == "failover":
         out = run_failover(args.path, args.n, args.writes, args.timeout)
+    else:
+        out = run_prefork(args.path, args.n, args.writes, args.timeout)
     print(json.dumps(out), flush=True)
     return 0
 

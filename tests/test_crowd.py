@@ -90,6 +90,17 @@ def test_a_crowd_of_followers_carries_on_when_its_leader_is_killed(
     everyone_got_through(report, n)
 
 
+@pytest.mark.parametrize("n", [32, pytest.param(FULL, marks=pytest.mark.crowd)])
+def test_a_crowd_forked_from_a_killed_leader_starts_one_helper(
+        party: Party, tmp_path: Path, n: int) -> None:
+    """Children forked by a leader (after it opened the database) can never lead
+    themselves: when it is SIGKILLed, one helper process leads for all of them. One
+    each would start as many interpreters at once (150 took longer than the timeout)."""
+    report = storm(party, "prefork", tmp_path / "db", n, env={})
+    everyone_got_through(report, n)
+    assert report["helpers"] == 1
+
+
 def test_a_leader_short_of_file_descriptors_takes_more(party: Party, tmp_path: Path) -> None:
     """The Holder may have 40 files open (LevelDB and Python take about 15): the crowd
     would need 64 more. Waiting for fds to come back would time every latecomer out."""
@@ -159,6 +170,30 @@ def test_the_listen_backlog_is_as_large_as_the_system_allows(tmp_path: Path) -> 
         for s in socks:
             s.close()
         listener.close()
+
+
+def test_a_fork_closes_the_copies_of_connections_its_parent_accepted(tmp_path: Path) -> None:
+    """What a forked child of a leader runs (Server.forget_after_fork): every fd on a
+    connection accepted on the leader's socket goes, even one no object knows of (as
+    when accept() returned just before the fork); nothing else does. A copy left open
+    kept a follower's connection up after the leader died (a crowd forked from the
+    leader: one in 32 waited out its timeout)."""
+    address = str(tmp_path / "s.sock")
+    listener = _sockets.listen(address, 0o600)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    others = socket.socketpair()
+    try:
+        client.connect(address)
+        accepted, _ = listener._accept()  # type: ignore[attr-defined]  # a bare fd
+        _sockets.drop_accepted(listener)
+        with pytest.raises(OSError):
+            os.fstat(accepted)
+        for sock in (listener, client, *others):
+            os.fstat(sock.fileno())  # still open
+        assert client.recv(1) == b""  # its peer is gone: the only copy was closed
+    finally:
+        for sock in (listener, client, *others):
+            sock.close()
 
 
 @pytest.fixture
