@@ -99,16 +99,17 @@ class Connection:
     def open(cls, address: str | bytes, client: bytes, rids: Iterator[int],
              timeout: float | None, db_path: str | None = None, ring: bool = False
              ) -> Connection:
-        """Connect and say hello. Raises OSError (no leader there; _sockets.Refused: a
-        process that could not use `db_path` itself serves the address) or error.
-        `ring`: ask for the leader's change ring (its epoch lands in `ring_epoch`)."""
-        sock = _sockets.connect(address, timeout)
+        """Connect and say hello, both within `timeout`. Raises OSError (no leader there;
+        _sockets.Refused: a process that could not use `db_path` itself serves the
+        address; _sockets.Busy: its backlog stayed full throughout) or error. `ring`:
+        ask for the leader's change ring (its epoch lands in `ring_epoch`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sock = _sockets.connect(address, deadline)
         if db_path is not None:
             _check_leader(sock, address, db_path)
         conn = cls(sock, rids)
         hello = Slot(P.HELLO, ({"v": P.VERSION, "client": client, "pid": os.getpid(),
                                 "ring": ring},), True)
-        deadline = None if timeout is None else time.monotonic() + timeout
         with conn.send_lock:
             hello.rid = 0
             hello.conn = conn

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from ._backend import LockHeld, LockTainted, open_db
 from ._cache import Cache, CachedRoute
 from ._client import Connection, Slot
 from ._dispatch import Dispatcher, Peer
-from ._election import LockFile, shown_address, socket_address
+from ._election import HelperLock, LockFile, shown_address, socket_address
 from ._errors import CLOSED_MESSAGE, ClosedError, LeaderLostError, Timeout, error
 from ._publish import Publisher
 from ._remote import RemoteRoute, Unrouted
@@ -68,6 +69,7 @@ class Engine:
         self._rerouting = False
         self._lock_won = False
         self._helper: subprocess.Popen[bytes] | None = None
+        self._helper_lock: HelperLock | None = None
         self._refused = ""  # why the last thing at our address was not talked to
         self._new_identity()
 
@@ -227,7 +229,7 @@ class Engine:
     def _find_route(self, slots: list[Slot], deadline: float | None) -> None:
         """Connect to the leader, or become it. Called with `_cond` held; waits on the
         LOCK (through the waiter thread) rather than polling it."""
-        backoff = 0.0002
+        backoff, start = 0.0002, time.monotonic()
         while True:
             if self.closed:
                 raise ClosedError(CLOSED_MESSAGE)
@@ -254,8 +256,12 @@ class Engine:
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise self._timeout_error(deadline)
-            self._cond.wait(backoff if remaining is None else min(backoff, remaining))
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            pause = random.uniform(backoff / 2, backoff)  # a crowd must not poll in step
+            self._cond.wait(pause if remaining is None else min(pause, remaining))
+            # Doubling up to MAX_BACKOFF, and beyond it to a tenth of the time waited so
+            # far: hundreds of processes polling every 5 ms for a leader that is slow to
+            # appear (a helper starting) took the CPU it needed to start.
+            backoff = min(backoff * 2, max(MAX_BACKOFF, (time.monotonic() - start) / 10))
 
     def _follow(self, conn: Connection) -> RemoteRoute:
         """The route through `conn`: with a cache if the leader offered its change ring
@@ -308,6 +314,9 @@ class Engine:
             conn = Connection.open(self.address, self.client, self._rids,
                                    None if remaining is None else max(remaining, 0.001),
                                    self.path, ring=self.cache_size > 0 and _ring.ORDERED_MEMORY)
+        except _sockets.Busy as exc:  # it retried until our deadline: say why we failed
+            raise Timeout(f"no partydbm leader answered for {self.path!r} in time: "
+                          f"{exc.strerror}") from exc
         except _sockets.Refused as exc:  # not a leader we talk to: wait for a real one
             self._refused = str(exc)
             return None
@@ -339,6 +348,10 @@ class Engine:
         leads through a fresh helper process that lives as long as it does."""
         if self._helper is not None and self._helper.poll() is None:
             return
+        if self._helper_lock is None:
+            self._helper_lock = HelperLock(self.path)
+        if not self._helper_lock.try_lock():
+            return  # another such process keeps a helper: one for the whole crowd
         self._helper = subprocess.Popen(
             [sys.executable, "-m", "partydbm._helper", self.path],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
@@ -367,6 +380,8 @@ class Engine:
                     slot.finish(exc=ClosedError(CLOSED_MESSAGE))
             if self._helper is not None and self._helper.stdin is not None:
                 self._helper.stdin.close()
+            if self._helper_lock is not None:
+                self._helper_lock.release()
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
@@ -384,6 +399,9 @@ class Engine:
             route.conn.forget_after_fork()
         self.route = Unrouted(self)  # the next request finds a route of its own
         self._helper = None
+        if self._helper_lock is not None:
+            self._helper_lock.release()  # the parent's: this closes the child's fd only
+            self._helper_lock = None
         self._rerouting = False
         self._lock_won = False
         self._new_identity()

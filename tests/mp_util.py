@@ -240,6 +240,11 @@ class Party:
         """`python -c CODE ARGS...` (a user's script, nothing of the tests imported)."""
         return self._add(Worker(["-c", code, *map(str, args)], env))
 
+    def script(self, path: str | os.PathLike[str], *args: Any,
+               env: dict[str, str] | None = None) -> Worker:
+        """`python PATH ARGS...`."""
+        return self._add(Worker([os.fspath(path), *map(str, args)], env))
+
     def repl(self, env: dict[str, str] | None = None) -> Worker:
         return self.spawn("repl", env=env)
 
