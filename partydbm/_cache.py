@@ -10,9 +10,9 @@ How the cache keeps it:
   loads the ring's head and, if the leader published changes since, applies them to
   the keys it holds (values, not only invalidations: a rewritten key stays cached).
 - The leader publishes a change before it acknowledges the write, so a read that
-  begins after the acknowledgement sees it in the ring. It publishes INVAL before
-  LevelDB's write, so no reader in the leader's own process can see a new value that
-  a follower would still answer with the old one.
+  begins after the acknowledgement sees it in the ring; and between LevelDB's write
+  and the publication, the leader's own reads of the key wait (_store.py), so nobody
+  can have seen a new value that a follower would still answer with the old one.
 - A value fetched on a miss comes with the ring position the leader read under the
   key's lock, before LevelDB: the changes after it are applied on top before the value
   is cached. One that cannot be brought up to date (the ring moved on too far) is
@@ -47,11 +47,10 @@ VALUE_MAX = 64 << 10
 OVERHEAD = 120  # bytes an entry costs beyond its key and value (dict slot, objects)
 
 _MISS: Any = object()  # not cached
-PENDING: Any = object()  # cached key whose value is being rewritten: not known yet
 
 
 class Cache:
-    """Entries key -> value (bytes), None (known absent) or PENDING, as of `applied`."""
+    """Entries key -> value (bytes) or None (known absent), as of `applied`."""
 
     def __init__(self, view: R.View, limit: int) -> None:
         self.view = view
@@ -74,7 +73,7 @@ class Cache:
             with self.lock:
                 self._catch_up()
                 value = self.entries.get(key, _MISS)
-        return _MISS if value is PENDING else value
+        return value
 
     def _catch_up(self) -> None:
         """Apply the changes published since `applied` (called with `lock` held)."""
@@ -109,9 +108,7 @@ class Cache:
         old = entries.get(key, _MISS)
         if old is _MISS:
             return  # not a key we hold
-        if kind == R.INVAL:
-            self._set(key, PENDING, old)
-        elif kind == R.PUT:
+        if kind == R.PUT:
             self._set(key, value, old)
         elif kind == R.DEL:
             self._set(key, None, old)
@@ -171,7 +168,7 @@ class Cache:
                 return _MISS
             if k != key:
                 continue
-            state = {R.INVAL: PENDING, R.PUT: v, R.DEL: None}.get(kind, _MISS)
+            state = v if kind == R.PUT else None if kind == R.DEL else _MISS  # DROP
             if state is _MISS:
                 return _MISS
         return state
@@ -181,7 +178,7 @@ class Cache:
         with self.lock:
             self._catch_up()
             get = self.entries.get
-            return [v if (v := get(k, _MISS)) is not PENDING else _MISS for k in keys]
+            return [get(k, _MISS) for k in keys]
 
     def merge(self, keys: list[bytes], missing: list[int], values: list[Any], pos: int
               ) -> list[Any] | None:
@@ -205,7 +202,7 @@ class Cache:
                         self._set(key, state, self.entries.get(key, _MISS))
                 else:
                     state = self.entries.get(key, _MISS)
-                known = known and state is not _MISS and state is not PENDING
+                known = known and state is not _MISS
                 out.append(state)
             return out if known else None
 

@@ -4,11 +4,11 @@ Publishing is on while at least one follower that can use a ring is connected: t
 first one's hello creates a ring (a new file, a new epoch), the last one's leaving
 retires it. So a leader without followers pays one attribute load per write.
 
-Around each write, under the stripe locks of the keys it writes:
-- before LevelDB's write: INVAL for each key (ALL for a clear or a large batch), so
-  followers stop answering for those keys before anybody can read the new values;
-- after it: PUT with the new value (DROP if too big for a slot), or DEL;
-- if it fails: DROP, so the keys do not stay unknown in followers' caches.
+Each write publishes what it changed (PUT with the new value, DROP if too big for a
+slot, DEL; ALL for a clear or a large batch) after LevelDB's write and before it is
+acknowledged, holding the stripe locks of its keys throughout. Between the two, the
+Store marks those stripes busy: the leader's own reads of them wait for the
+publication, so nobody can see a value that a follower's cache would not answer yet.
 Keys longer than KEY_MAX are never cached, so they are never published.
 """
 
@@ -79,22 +79,11 @@ class Publisher:
             R.remove(self.db_path, ring.epoch)
 
 
-def before(ring: R.Ring, ops: Sequence[tuple[bytes, bytes | None]]) -> Changes:
-    """Publish what a write of `ops` is about to change; returns what was published."""
+def after(ring: R.Ring, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
+    """Publish what a write of `ops` changed (it is in LevelDB now)."""
     if len(ops) > BATCH_INLINE:
         ring.append(_ALL)
-        return _ALL
-    changes = [(R.INVAL, key, b"") for key, _ in ops if len(key) <= R.KEY_MAX]
-    if changes:
-        ring.append(changes)
-    return changes
-
-
-def after(ring: R.Ring, ops: Sequence[tuple[bytes, bytes | None]], published: Changes
-          ) -> None:
-    """Publish the outcome of a write whose INVALs were `published`."""
-    if not published or published is _ALL:
-        return  # nothing cached to update, or everything forgotten already
+        return
     changes: Changes = []
     for key, value in ops:
         if len(key) > R.KEY_MAX:
@@ -105,11 +94,5 @@ def after(ring: R.Ring, ops: Sequence[tuple[bytes, bytes | None]], published: Ch
             changes.append((R.PUT, key, value))
         else:
             changes.append((R.DROP, key, b""))
-    ring.append(changes)
-
-
-def failed(ring: R.Ring, published: Changes) -> None:
-    """The write failed after `published`: forget its keys rather than leave them
-    unknown (an INVAL without its outcome)."""
-    if published and published is not _ALL:
-        ring.append([(R.DROP, key, b"") for _, key, _ in published])
+    if changes:
+        ring.append(changes)

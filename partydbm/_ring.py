@@ -24,11 +24,7 @@ reorders across it) and x86-64 keeps stores in order and loads in order (TSO). O
 other architectures (ARM: Apple silicon, Graviton) that does not hold, so there the
 ring is never created and followers read from the leader (ORDERED_MEMORY).
 
-Kinds of change:
-    INVAL  a write to the key is about to happen: what a follower has cached for it is
-           unknown until the next change of the key (published before LevelDB's write,
-           so a follower never serves an old value once the leader's own readers can
-           see the new one)
+Kinds of change (each published after LevelDB's write, before it is acknowledged):
     PUT    the key now holds the value
     DEL    the key is now absent
     DROP   forget the key (its new value is too big for a slot, or its write failed)
@@ -50,14 +46,14 @@ MAGIC = int.from_bytes(b"PDBMRING", "little")
 VERSION = 1
 HEADER = 4096
 SLOT = 512
-SLOTS = 16384  # 8 MiB of changes: two per write, so the last 8,192 writes
+SLOTS = 32768  # 16 MiB (sparse) of changes: the last 32,768 writes
 KEY_MAX = 256
 """Longest key a follower caches (longer keys are never in a ring: their changes need
 no entry)."""
 PAYLOAD = SLOT - 16  # key and value bytes a slot holds
 RETIRED = -1
 
-INVAL, PUT, DEL, DROP, ALL = 1, 2, 3, 4, 5
+PUT, DEL, DROP, ALL = 1, 2, 3, 4
 
 # header words
 _MAGIC, _VERSION, _EPOCH, _SLOTS, _SLOT, _PID, _HEAD = range(7)

@@ -14,6 +14,10 @@ Invariants enforced here:
   the gate: it counts itself in, and once `close()` has begun, a call that has not yet
   passed raises ClosedError. The last call to leave a closing store lets the close
   finish.
+- While followers' caches are on (a ring: _publish.py), a write publishes what it
+  changed after LevelDB's write, and its stripes are `_busy` in between: a read of
+  this process that finds its key's stripe busy after reading reads again under the
+  stripe's lock, so it never returns a value that followers' caches do not have yet.
 - plyvel's errors leave as partydbm.error (storage_error), here and nowhere else.
 
 The gate counts with a list (append and pop are each one atomic step under the GIL)
@@ -27,7 +31,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -73,6 +77,7 @@ class Store:
         self._raw_get = backend.raw_get
         self._raw_put = backend.raw_put
         self._locks = [threading.Lock() for _ in range(STRIPES)]
+        self._busy = [False] * STRIPES  # written by a stripe's lock holder only
         self._inside: list[None] = []
         self.closed = False
         self._closing = threading.Lock()  # makes the backend's close happen once
@@ -86,7 +91,13 @@ class Store:
         try:
             if self.closed:
                 raise ClosedError(CLOSED_MESSAGE)
-            return self._raw_get(USER + key)  # type: ignore[no-any-return]
+            value: bytes | None = self._raw_get(USER + key)
+            if self.publisher.ring is not None:  # looked at after the read: see above
+                i = hash(key) % STRIPES
+                if self._busy[i]:
+                    with self._locks[i]:
+                        value = self._raw_get(USER + key)
+            return value
         except StorageError as exc:
             raise storage_error(exc) from exc
         finally:
@@ -113,14 +124,18 @@ class Store:
                 self._drained()
 
     # -- reads -------------------------------------------------------------------------
-    @_gated
     def has(self, key: bytes) -> bool:
-        return self._raw_get(USER + key) is not None
+        return self.get(key) is not None
 
     @_gated
-    def get_many(self, keys: Iterable[bytes], max_bytes: int | None = None
+    def get_many(self, keys: list[bytes], max_bytes: int | None = None
                  ) -> list[bytes | None]:
-        return self.backend.get_many(keys, max_bytes)
+        values = self.backend.get_many(keys, max_bytes)
+        if self.publisher.ring is not None and any(
+                self._busy[hash(key) % STRIPES] for key in keys):
+            with self._stripes([(key, None) for key in keys]):
+                values = self.backend.get_many(keys, max_bytes)
+        return values
 
     # -- a follower's miss: the value and the ring position it is valid at --------------
     @_gated
@@ -164,16 +179,25 @@ class Store:
             elif ops:
                 self.backend.write(ops, sync)
             return
-        published = _publish.before(ring, ops)
+        busy = self._busy
+        stripes = self._stripe_ids(ops)
+        for i in stripes:
+            busy[i] = True
         try:
             self.backend.write(ops, sync, () if mark is None else mark(outcome))
-        except BaseException:
-            _publish.failed(ring, published)
-            raise
-        if _seams.crash_at is not None or _seams.pauses:
-            _seams.passage("after_write")  # written, not yet published
-            _seams.pause("after_write")
-        _publish.after(ring, ops, published)
+            if _seams.crash_at is not None or _seams.pauses:
+                _seams.passage("after_write")  # written, not yet published
+                _seams.pause("after_write")
+            try:
+                _publish.after(ring, ops)
+            except BaseException:
+                # Written and not published (an interrupt in the middle): followers'
+                # caches can no longer be trusted. They read from here from now on.
+                ring.retire()
+                raise
+        finally:
+            for i in stripes:
+                busy[i] = False
 
     @_gated
     def delete(self, key: bytes, sync: bool = False, mark: Mark = None) -> bool:
@@ -232,10 +256,16 @@ class Store:
             self._write(self.backend.clear_ops(), sync, mark)
 
     def _stripes(self, ops: Sequence[tuple[bytes, Any]] | None) -> _Stripes:
+        return _Stripes([self._locks[i] for i in self._stripe_ids(ops)])
+
+    @staticmethod
+    def _stripe_ids(ops: Sequence[tuple[bytes, Any]] | None) -> Sequence[int]:
+        """The stripes of the keys in `ops` (None: all), in ascending order."""
         if ops is None or len(ops) >= STRIPES:
-            return _Stripes(self._locks)
-        picked = sorted({hash(key) % STRIPES for key, _ in ops})
-        return _Stripes([self._locks[i] for i in picked])
+            return range(STRIPES)
+        if len(ops) == 1:
+            return (hash(ops[0][0]) % STRIPES,)
+        return sorted({hash(key) % STRIPES for key, _ in ops})
 
     # -- whole-database ----------------------------------------------------------------
     @_gated
