@@ -30,7 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import partydbm
-from partydbm import _formats as F
+from partydbm.cli import _formats as F
 from partydbm._holder import Holder
 
 PY = [sys.executable, "-m", "partydbm"]

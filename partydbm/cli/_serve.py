@@ -16,9 +16,9 @@ import time
 from types import FrameType
 from typing import Any
 
-from . import _server
-from ._election import shown_address
-from ._open import open as party_open
+from .. import _server
+from .._election import shown_address
+from .._open import open as party_open
 
 POLL = 0.2
 
