@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 import partydbm
-from partydbm._holder import Holder
+
+from .procs import Holder
 
 ROLES = ("leader", "follower")
 

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostile import Raw, is_error
-from mp_util import Party, all_replies
 
 import partydbm
 from partydbm import _protocol as P
+
+from .hostile import Raw, is_error
+from .procs import Party, all_replies
 
 pytestmark = pytest.mark.multiprocess
 

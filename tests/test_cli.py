@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 import partydbm
 from partydbm.cli import _formats as F
-from partydbm._holder import Holder
+
+from .procs import Holder
 
 PY = [sys.executable, "-m", "partydbm"]
 DEADLINE = 60.0

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import Party
 
 import partydbm
-from partydbm._holder import Holder
+
+from .procs import Holder, Party
 
 is_root = hasattr(os, "geteuid") and os.geteuid() == 0
 

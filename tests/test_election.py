@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import (
+
+import partydbm
+
+from .procs import (
     DEADLINE,
     Party,
     RemoteError,
@@ -24,8 +27,6 @@ from mp_util import (
     decode,
     leaders_of,
 )
-
-import partydbm
 
 pytestmark = pytest.mark.multiprocess
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import partydbm
-from partydbm._holder import Holder
+
+from .procs import Holder
 
 DEADLINE = 20.0
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import partydbm
-from partydbm._holder import Holder
+
+from .procs import Holder
 
 KEYS = st.sampled_from([b"", b"\x00", b"\xff", b"a", b"aa", b"ab", b"b", b"k1", b"k2"])
 VALUES = st.binary(max_size=20)

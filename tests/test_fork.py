@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mp_util import Party, Worker, clean_exit_stderr, decode, dump
+
+from .procs import Party, Worker, clean_exit_stderr, decode, dump
 
 pytestmark = pytest.mark.multiprocess
 

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import Raw, is_error, served
-from mp_util import DEADLINE
 
 import partydbm
 from partydbm import _protocol as P
 from partydbm._server import _Conn
+
+from .hostile import Raw, is_error, served
+from .procs import DEADLINE
 
 MODEL = {b"a": b"1", b"b": b"2", b"big": b"x" * 300_000}
 

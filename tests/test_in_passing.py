@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import DEADLINE, Party, Worker
+
+from .procs import DEADLINE, Party, Worker
 
 pytestmark = pytest.mark.multiprocess
 

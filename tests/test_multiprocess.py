@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import (
+
+from .procs import (
     DEADLINE,
     Party,
     RemoteError,

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import Party
 
 import partydbm
+
+from .procs import Party
 
 pytestmark = pytest.mark.multiprocess
 

@@ -1,0 +1,41 @@
+"""Worker processes for the tests: `python -m tests.workers NAME ARGS...`.
+
+Started through `tests.procs` (a `Party`, or a `Holder`), which gives each one a
+deadline and SIGKILLs it (and whatever it started) at the end of the test. Every worker
+loads the test seams first thing (__main__.py). Results go to stdout, one JSON line
+(`procs.encode`) at a time; stderr is kept for the test's failure message.
+
+    repl.py     repl (the test's Python, line by line) and holder (a repl that holds
+                databases and only serves them)
+    oneshot.py  turnover, plain_leveldb, uid_probe
+    fork.py     handles inherited through fork (multiprocessing and os.fork)
+    torture.py  seeded random operations checked against a model, logged for the parent
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from tests.procs import encode
+
+DEADLINE = 30.0
+
+
+def report(obj: Any) -> None:
+    """One JSON line, in one write(2): forked children share stdout, and a pipe write
+    of one small buffer is never interleaved with another."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (encode(obj) + "\n").encode())
+
+
+
+def write_range(handle: Any, fmt: str, n: int, value_fmt: str) -> dict[bytes, bytes]:
+    """Write keys fmt % j -> value_fmt % j for j < n; return what was written."""
+    written = {}
+    for j in range(n):
+        key, value = (fmt % j).encode(), (value_fmt % j).encode()
+        handle[key] = value
+        written[key] = value
+    return written

@@ -1,0 +1,84 @@
+"""Workers that do one thing and exit (or wait for the test to close their stdin)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+import partydbm
+
+from . import DEADLINE, report
+
+# A module global: the handle must outlive the function (closed at interpreter exit).
+db: Any = None
+
+
+def turnover(path: str, key: str, value: str, how: str) -> None:
+    """Open, write one key, read it back, and close (how == "close") or just exit."""
+    global db
+    db = partydbm.open(path, timeout=DEADLINE)
+    db[key] = value
+    assert db[key] == value.encode()
+    if how == "close":
+        db.close()
+
+
+def plain_leveldb(path: str) -> None:
+    """A plain LevelDB user: holds the LOCK and never serves the socket."""
+    import plyvel
+
+    handle = plyvel.DB(path)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes stdin (or kills us)
+    handle.close()
+
+
+def uid_probe(uid: str, path: str, address_hex: str) -> None:
+    """Drop to `uid` and try the database through the API and through the raw socket."""
+    from partydbm import _protocol as P
+    from partydbm._election import socket_address
+
+    address: str | bytes = bytes.fromhex(address_hex)
+    if not address.startswith(b"\0"):
+        address = os.fsdecode(address)
+    os.setgroups([])
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    if not address:  # the way partydbm itself reaches a deep database's socket
+        address = socket_address(path)
+    out: dict[str, Any] = {"uid": os.getuid()}
+    try:
+        handle = partydbm.open(path, "w", timeout=2)
+    except BaseException as exc:
+        out["api"] = f"{type(exc).__name__}: {exc}"
+        out["api_error_is_partydbm_error"] = isinstance(exc, partydbm.error)
+    else:
+        out["api"] = "opened"
+        for name, fn in (("api_put", lambda: handle.__setitem__("secret", "pwned")),
+                         ("api_get", lambda: handle.get("secret"))):
+            try:
+                out[name] = fn()
+            except BaseException as exc:
+                out[name] = f"{type(exc).__name__}: {exc}"
+    replies: list[Any] = []
+    out["raw"] = replies
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(3)
+        sock.connect(address)
+        hello = {"v": P.VERSION, "client": os.urandom(16), "pid": os.getpid()}
+        sock.sendall(P.pack([P.HELLO, 0, hello]))
+        sock.sendall(P.pack([P.PUT, 1, b"secret", b"pwned", False])
+                     + P.pack([P.GET, 2, b"secret"]))
+        decoder = P.Decoder()
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            decoder.feed(data)
+            replies.extend(decoder.messages())
+    except BaseException as exc:
+        replies.append(f"{type(exc).__name__}: {exc}")
+    report(out)
