@@ -20,6 +20,7 @@ import pytest
 
 import partydbm
 
+from .cli_run import info_json
 from .procs import Holder
 
 ROLES = ("leader", "follower")
@@ -117,3 +118,20 @@ def _plyvel_can_open(path: str | os.PathLike[str]) -> bool:
 def plyvel_can_open() -> Any:
     """The probe above, as a fixture (test modules do not import conftest)."""
     return _plyvel_can_open
+
+
+@pytest.fixture(params=["alone", "led"])
+def dbpath(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A database path for a command-line test. 'alone': nobody holds it, so the command
+    leads; 'led': the module's Holder leads it, so the command follows."""
+    path = tmp_path / "db"
+    if request.param == "alone":
+        yield path
+        return
+    holder: Holder = request.getfixturevalue("holder")
+    assert holder.open(path, "c") == "leader"
+    try:
+        yield path
+        assert info_json(path)["leader_pid"] == holder.pid, "the holder no longer leads"
+    finally:
+        holder.close_db(path)
