@@ -12,7 +12,8 @@ _seams.load(os.environ)  # first thing: a test's env={"PARTYDBM_...": ...} for t
 from . import fork, oneshot, repl, torture  # noqa: E402 - after the seams, on purpose
 
 WORKERS = {f.__name__: f for f in (
-    repl.repl, repl.holder, oneshot.turnover, oneshot.plain_leveldb, oneshot.uid_probe,
+    repl.repl, repl.holder, oneshot.turnover, oneshot.forker, oneshot.plain_leveldb,
+    oneshot.uid_probe,
     fork.fork_from_leader, fork.fork_outlive_close, fork.fork_outlive_exit,
     fork.fork_from_follower, fork.fork_leader_returns, torture.torture)}
 

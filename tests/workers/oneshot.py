@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import partydbm
+from tests.procs import decode
 
 from . import DEADLINE, report
 
@@ -23,6 +26,50 @@ def turnover(path: str, key: str, value: str, how: str) -> None:
     assert db[key] == value.encode()
     if how == "close":
         db.close()
+
+
+def forker() -> None:
+    """Start turnover processes on request, each forked from this one, which imported
+    partydbm but never opens a database (so its children are not fork-tainted): as
+    much a process of their own as a fresh interpreter, without its start-up cost.
+
+    Requests (one JSON line each): [path, key, value, how] forks a turnover child and
+    answers its pid; "reap" waits for every child started since the last reap (SIGKILL
+    at the deadline) and answers their exit codes, in order (None: killed for hanging).
+    A child returns from here into __main__ and ends like any worker: interpreter exit,
+    atexit included (a handle left open hands over there), a traceback and exit code 1
+    if its turnover failed."""
+    started: list[int] = []
+    for line in sys.stdin:
+        request = decode(line)
+        if request == "reap":
+            report(_reap(started))
+            started = []
+            continue
+        pid = os.fork()
+        if pid == 0:
+            turnover(*request)
+            return
+        started.append(pid)
+        report(pid)
+
+
+def _reap(pids: list[int], timeout: float = DEADLINE) -> list[int | None]:
+    codes: dict[int, int | None] = {}
+    deadline = time.monotonic() + timeout
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            for pid in set(pids) - set(codes):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                codes[pid] = None
+        time.sleep(0.001)
+    return [codes[pid] for pid in pids]
 
 
 def plain_leveldb(path: str) -> None:
