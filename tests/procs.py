@@ -24,7 +24,6 @@ handle on `path` a follower of another process.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -35,6 +34,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from .wire import decode, encode
 
 ROOT = Path(__file__).resolve().parent.parent  # workers run there: `-m tests.workers`
 DEADLINE = 30.0  # seconds, for any single wait on a worker
@@ -56,37 +57,6 @@ class RemoteError(RuntimeError):
     def isa(self, *names: str) -> bool:
         """Whether the remote exception was an instance of every class named."""
         return all(name in self.mro for name in names)
-
-
-# -- JSON that keeps bytes and bytes-keyed dicts -------------------------------------------
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"$b": bytes(obj).hex()}
-    if isinstance(obj, dict):
-        return {"$d": [[_to_json(k), _to_json(v)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_to_json(x) for x in obj]
-    return obj
-
-
-def _from_json(obj: dict[str, Any]) -> Any:
-    if "$b" in obj:
-        return bytes.fromhex(obj["$b"])
-    if "$d" in obj:
-        return {_hashable(k): v for k, v in obj["$d"]}
-    return obj
-
-
-def _hashable(obj: Any) -> Any:
-    return tuple(_hashable(x) for x in obj) if isinstance(obj, list) else obj
-
-
-def encode(obj: Any) -> str:
-    return json.dumps(_to_json(obj))
-
-
-def decode(text: str) -> Any:
-    return json.loads(text, object_hook=_from_json)
 
 
 def worker_argv(name: str, *args: Any) -> list[str]:

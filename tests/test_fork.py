@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from .procs import Party, Worker, clean_exit_stderr, decode, dump
+from .procs import Party, Worker, clean_exit_stderr, dump
+from .wire import decode
 
 pytestmark = pytest.mark.multiprocess
 

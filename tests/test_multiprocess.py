@@ -25,12 +25,11 @@ from .procs import (
     Worker,
     all_replies,
     clean_exit_stderr,
-    decode,
     dump,
-    encode,
     leaders_of,
     wait_for,
 )
+from .wire import decode, encode
 
 pytestmark = pytest.mark.multiprocess
 

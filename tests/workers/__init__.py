@@ -3,7 +3,7 @@
 Started through `tests.procs` (a `Party`, or a `Holder`), which gives each one a
 deadline and SIGKILLs it (and whatever it started) at the end of the test. Every worker
 loads the test seams first thing (__main__.py). Results go to stdout, one JSON line
-(`procs.encode`) at a time; stderr is kept for the test's failure message.
+(`tests.wire`) at a time; stderr is kept for the test's failure message.
 
     repl.py     repl (the test's Python, line by line) and holder (a repl that holds
                 databases and only serves them)
@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from tests.procs import encode
+from tests.wire import encode
 
 DEADLINE = 30.0
 

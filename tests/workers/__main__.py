@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -9,13 +10,17 @@ from partydbm import _seams
 
 _seams.load(os.environ)  # first thing: a test's env={"PARTYDBM_...": ...} for this worker
 
-from . import fork, oneshot, repl, torture  # noqa: E402 - after the seams, on purpose
+# Worker name -> its module, imported alone: every worker process pays for its imports.
+WORKERS = {
+    "repl": "repl", "holder": "repl",
+    "turnover": "oneshot", "forker": "oneshot", "plain_leveldb": "oneshot",
+    "uid_probe": "oneshot",
+    "fork_from_leader": "fork", "fork_outlive_close": "fork", "fork_outlive_exit": "fork",
+    "fork_from_follower": "fork", "fork_leader_returns": "fork",
+    "torture": "torture",
+}
 
-WORKERS = {f.__name__: f for f in (
-    repl.repl, repl.holder, oneshot.turnover, oneshot.forker, oneshot.plain_leveldb,
-    oneshot.uid_probe,
-    fork.fork_from_leader, fork.fork_outlive_close, fork.fork_outlive_exit,
-    fork.fork_from_follower, fork.fork_leader_returns, torture.torture)}
-
-result = WORKERS[sys.argv[1]](*sys.argv[2:])
+name = sys.argv[1]
+module = importlib.import_module(f"{__package__}.{WORKERS[name]}")
+result = getattr(module, name)(*sys.argv[2:])
 raise SystemExit(result if isinstance(result, int) else 0)

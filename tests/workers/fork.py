@@ -11,7 +11,7 @@ import traceback
 from typing import Any
 
 import partydbm
-from tests.procs import decode, encode
+from tests.wire import decode, encode
 
 from . import DEADLINE, report, write_range
 

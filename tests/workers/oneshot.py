@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import partydbm
-from tests.procs import decode
+from tests.wire import decode
 
 from . import DEADLINE, report
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import partydbm
 from partydbm import _server
-from tests.procs import decode
+from tests.wire import decode
 
 from . import DEADLINE, report, write_range
 
