@@ -25,8 +25,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two or more workers (pytest-xdist); tests marked multiprocess share one of them.
+PYTEST_ARGS ?= -n auto --dist loadgroup --durations=10
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 conformance: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider conformance

@@ -26,6 +26,17 @@ from .procs import Holder
 ROLES = ("leader", "follower")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n N --dist loadgroup` (make test) every test marked `multiprocess`
+    runs on one worker, one at a time: they start many processes and some watch
+    timings, so they must not compete with each other for the CPUs. The rest (one
+    process, or one Holder beside it) spreads over the other workers."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") is not None:
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+
+
 @pytest.fixture(scope="module")
 def holder() -> Iterator[Holder]:
     """One holder process per test module (cheap); always reaped."""

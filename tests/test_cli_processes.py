@@ -25,6 +25,8 @@ import partydbm
 from .cli_run import DEADLINE, PY, cli_process, contents, fails, fill, info_json
 from .procs import Holder
 
+pytestmark = pytest.mark.multiprocess  # the demo kills leaders; serve takes signals
+
 
 def test_console_script_is_installed_and_runs() -> None:
     script = Path(sys.executable).parent / "partydbm"

@@ -20,6 +20,8 @@ import partydbm
 
 from .procs import Holder
 
+pytestmark = pytest.mark.multiprocess  # seams that kill, SIGSTOP, resend delays
+
 DEADLINE = 20.0
 
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -20,6 +21,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import partydbm
 
 from .procs import Holder
+
+pytestmark = pytest.mark.multiprocess
 
 KEYS = st.sampled_from([b"", b"\x00", b"\xff", b"a", b"aa", b"ab", b"b", b"k1", b"k2"])
 VALUES = st.binary(max_size=20)
