@@ -130,7 +130,7 @@ class Worker:
     def reply(self, timeout: float = DEADLINE) -> Any:
         line = self.readline(timeout)
         if line is None:
-            raise WorkerError(f"{self} exited (rc={self.proc.poll()}) without answering; "
+            raise WorkerError(f"{self} exited (rc={self._exit_code()}) without answering; "
                               f"stderr:\n{self.stderr()}")
         msg = decode(line)
         if "exc" in msg:
@@ -156,6 +156,14 @@ class Worker:
             f"result = 'leader' if {name}.is_leader else 'follower'", deadline)
 
     # -- ending ------------------------------------------------------------------------------
+    def _exit_code(self, timeout: float = 2.0) -> int | None:
+        """The exit code of a worker whose stdout just ended: a dying process closes
+        its files a moment before it can be reaped (None if it still runs)."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def wait(self, timeout: float = DEADLINE) -> int:
         """The exit code; WorkerError (after SIGKILL) if it does not exit in time."""
         try:

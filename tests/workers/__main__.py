@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import sys
@@ -9,6 +10,7 @@ import sys
 from partydbm import _seams
 
 _seams.load(os.environ)  # first thing: a test's env={"PARTYDBM_...": ...} for this worker
+faulthandler.enable()  # a crash (SIGSEGV in LevelDB, say) shows every thread's stack
 
 # Worker name -> its module, imported alone: every worker process pays for its imports.
 WORKERS = {
