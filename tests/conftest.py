@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +125,11 @@ def _plyvel_can_open(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+PlyvelProbe = Callable[[str | os.PathLike[str]], bool]
+
+
 @pytest.fixture
-def plyvel_can_open() -> Any:
+def plyvel_can_open() -> PlyvelProbe:
     """The probe above, as a fixture (test modules do not import conftest)."""
     return _plyvel_can_open
 

@@ -18,6 +18,7 @@ import pytest
 import partydbm
 from partydbm import _protocol as P
 
+from .conftest import Opener
 from .hostile import Raw, is_error
 from .procs import Party, all_replies
 
@@ -205,7 +206,7 @@ def test_a_10MB_value_and_a_100MB_batch_from_a_follower_work_within_bounded_memo
     assert leader_peak - leader_base < 6 * payload_kb, (leader_base, leader_peak)
 
 
-def test_a_value_over_the_limit_is_a_clear_error_in_both_roles(open_db) -> None:
+def test_a_value_over_the_limit_is_a_clear_error_in_both_roles(open_db: Opener) -> None:
     db = open_db()
     with pytest.raises(partydbm.error) as info:
         db[b"huge"] = b"\0" * (P.MAX_VALUE + 1)
@@ -218,7 +219,7 @@ def test_a_value_over_the_limit_is_a_clear_error_in_both_roles(open_db) -> None:
 
 
 def test_a_batch_over_the_limits_is_a_clear_error_and_stores_nothing(
-        open_db, monkeypatch: pytest.MonkeyPatch) -> None:
+        open_db: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     db = open_db()
     monkeypatch.setattr(P, "MAX_BATCH_OPS", 10)
     monkeypatch.setattr(P, "MAX_BATCH_BYTES", 1000)

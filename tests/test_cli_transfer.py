@@ -112,7 +112,7 @@ def test_import_a_shelve_file_then_read_it_with_shelve(dbpath: Path, tmp_path: P
     with shelve.open(str(tmp_path / "objects"), "n") as shelf:
         shelf.update(OBJECTS)
     ok("import", tmp_path / "objects", dbpath)
-    with shelve.Shelf(partydbm.open(dbpath)) as shelf:
+    with shelve.Shelf[Any](partydbm.open(dbpath)) as shelf:
         assert dict(shelf) == OBJECTS
 
 
@@ -191,11 +191,11 @@ def test_export_kind_missing_from_this_python_fails_cleanly(kind: str, tmp_path:
 
 
 def test_shelf_moves_out_through_export_and_back_through_import(tmp_path: Path) -> None:
-    with shelve.Shelf(partydbm.open(tmp_path / "db")) as shelf:
+    with shelve.Shelf[Any](partydbm.open(tmp_path / "db")) as shelf:
         shelf.update(OBJECTS)
     ok("export", tmp_path / "db", tmp_path / "legacy")
     with shelve.open(str(tmp_path / "legacy"), "r") as shelf:
         assert dict(shelf) == OBJECTS
     ok("import", tmp_path / "legacy", tmp_path / "back")
-    with shelve.Shelf(partydbm.open(tmp_path / "back", "r")) as shelf:
+    with shelve.Shelf[Any](partydbm.open(tmp_path / "back", "r")) as shelf:
         assert dict(shelf) == OBJECTS

@@ -24,9 +24,9 @@ from .procs import (
     RemoteError,
     Witness,
     all_replies,
-    decode,
     leaders_of,
 )
+from .wire import decode
 
 pytestmark = pytest.mark.multiprocess
 

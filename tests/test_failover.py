@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,7 +172,7 @@ def test_slow_consumer_with_buffered_entries_resumes_without_duplicates(
     {"reverse": True, "start": b"a", "stop": b"ab", "include_stop": True},
 ])
 def test_resume_does_not_skip_keys_that_extend_the_bookmark(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]) -> None:
     """Predecessor bug 2: reverse resume by byte arithmetic skipped a, aa, aaz... Here
     every page holds one key (every step is a resume) and the leader dies mid-scan."""
     from partydbm import _cursor

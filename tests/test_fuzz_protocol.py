@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import partydbm
 from partydbm import _protocol as P
+from partydbm._backend import Backend
 from partydbm._dispatch import Dispatcher, Peer
 from partydbm._server import Server
 
@@ -146,6 +147,11 @@ def leader(tmp_path: Path) -> Iterator[partydbm.PartyDBM]:
         db.close()
 
 
+def _backend(db: partydbm.PartyDBM) -> Backend:
+    assert db._engine is not None and db._engine.backend is not None, "not the leader"
+    return db._engine.backend
+
+
 def _stored(db: partydbm.PartyDBM) -> dict[bytes, bytes]:
     return dict(db.items())
 
@@ -154,8 +160,7 @@ def _stored(db: partydbm.PartyDBM) -> dict[bytes, bytes]:
 @given(op=ops, rid=st.integers(1, 2**40), args=st.lists(values, max_size=10))
 def test_dispatch_of_arbitrary_requests_answers_or_raises_a_partydbm_error(
         leader: partydbm.PartyDBM, op: Any, rid: int, args: list[Any]) -> None:
-    backend = leader._engine.backend  # type: ignore[union-attr]
-    dispatcher = Dispatcher(backend)
+    dispatcher = Dispatcher(_backend(leader))
     peer = Peer(client=b"fuzz-client")
     before = _stored(leader)
     try:
@@ -177,8 +182,7 @@ def test_dispatch_of_arbitrary_requests_answers_or_raises_a_partydbm_error(
        hello=st.booleans())
 def test_the_servers_request_handler_always_produces_one_well_formed_reply(
         leader: partydbm.PartyDBM, msg: Any, hello: bool) -> None:
-    backend = leader._engine.backend  # type: ignore[union-attr]
-    server = Server(backend, b"\0unused", leader.name)
+    server = Server(_backend(leader), b"\0unused", leader.name)
     peer = Peer(client=b"fuzz-client" if hello else None)
     before = _stored(leader)
     reply, fatal = server._handle(peer, msg, P.pack)

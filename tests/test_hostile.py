@@ -357,6 +357,7 @@ def test_nothing_is_read_in_passing_while_the_connections_thread_has_work(
     """What an application thread handed back (a bad frame, requests, unsent replies, the
     end) is the connection's own thread's: bytes after it, as after a bad frame, must
     not be read and answered in passing before it."""
+    assert leader._engine is not None
     server = leader._engine.server
     assert server is not None
     mine, theirs = socket.socketpair()

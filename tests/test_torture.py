@@ -28,11 +28,11 @@ def _spawn(party: Party, path: Path, wid: int, seed: int, nops: int, log: Path) 
     return party.spawn("torture", path, wid, seed, nops, log)
 
 
-def _replay(log: Path, killed: bool) -> tuple[dict[bytes, bytes], dict[bytes, set]]:
+def _replay(log: Path, killed: bool) -> tuple[dict[bytes, bytes], dict[bytes, set[bytes | None]]]:
     """The model a worker's log proves, and for a killed worker the keys whose last
     write is in doubt, with the values they may hold (None: absent)."""
     model: dict[bytes, bytes] = {}
-    doubt: dict[bytes, set] = {}
+    doubt: dict[bytes, set[bytes | None]] = {}
     intent = None
     for line in log.read_text().splitlines():
         if line.startswith("I "):

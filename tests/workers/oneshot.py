@@ -87,9 +87,8 @@ def uid_probe(uid: str, path: str, address_hex: str) -> None:
     from partydbm import _protocol as P
     from partydbm._election import socket_address
 
-    address: str | bytes = bytes.fromhex(address_hex)
-    if not address.startswith(b"\0"):
-        address = os.fsdecode(address)
+    raw = bytes.fromhex(address_hex)
+    address: str | bytes = raw if raw.startswith(b"\0") else os.fsdecode(raw)
     os.setgroups([])
     os.setgid(int(uid))
     os.setuid(int(uid))
