@@ -194,7 +194,8 @@ class LockFile:
             if self._waiter is not None and self._waiter.is_alive():
                 return
             self._waiter = threading.Thread(
-                target=self._wait, args=(on_acquired,), name="partydbm-lock-wait", daemon=True
+                target=self._wait, args=(on_acquired,), daemon=True,
+                name=f"partydbm-lock-wait {os.path.dirname(self.path)}"
             )
             self._waiter.start()
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from . import _backend as B
-from . import _engine as E
+from . import _registry
 from ._errors import BadFlagError, error
 from ._mapping import PartyDBM
 
@@ -88,7 +88,7 @@ def repair(file: str | os.PathLike[str]) -> None:
     with _os_errors("repair", shown):
         if not _is_db(path):
             _no_db(path, shown)
-        E.exclusively(path, lambda: B.repair(path))
+        _registry.exclusively(path, lambda: B.repair(path))
 
 
 def _resolve(file: Any) -> tuple[Any, str]:
@@ -119,17 +119,29 @@ def _os_errors(doing: str, shown: Any) -> Iterator[None]:
 
 def open(file: Any, flag: str = "c", mode: int = 0o666, *, retry: bool = True,
          timeout: float | None = 10.0) -> PartyDBM:
-    """Open (or create) the partydbm database at `file`; see CONTRACT.md."""
+    """Open (or create) the partydbm database at `file`; see the README."""
+    return _opened(file, flag, mode, retry, timeout, serve_only=False)
+
+
+def open_to_serve(file: Any, flag: str = "c", timeout: float | None = None) -> PartyDBM:
+    """open() for a process whose only job is to serve the database (`partydbm serve`,
+    the fork helper): when it leads, its serving threads keep its priority and never
+    park, since no application thread of its own calls the database."""
+    return _opened(file, flag, 0o666, True, timeout, serve_only=True)
+
+
+def _opened(file: Any, flag: str, mode: int, retry: bool, timeout: float | None,
+            serve_only: bool) -> PartyDBM:
     kind, sync = _parse_flag(flag)
     shown, path = _resolve(file)
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be None or >= 0")
     with _os_errors("open", shown):
-        return _open(path, shown, kind, sync, mode, retry, timeout)
+        return _open(path, shown, kind, sync, mode, retry, timeout, serve_only)
 
 
 def _open(path: str, shown: Any, kind: str, sync: bool, mode: int, retry: bool,
-          timeout: float | None) -> PartyDBM:
+          timeout: float | None, serve_only: bool) -> PartyDBM:
     if not _is_db(path):
         if kind in "rw":
             _no_db(path, shown)
@@ -138,7 +150,7 @@ def _open(path: str, shown: Any, kind: str, sync: bool, mode: int, retry: bool,
                 raise error(errno.EEXIST, "exists and is not a partydbm database", shown)
             os.unlink(path)  # 'n' replaces a plain file
         _create(path, mode)
-    engine = E.acquire(path, timeout)
+    engine = _registry.acquire(path, timeout, serve_only)
     db = PartyDBM(engine, path, readonly=kind == "r", sync=sync, retry=retry,
                   timeout=timeout)
     if kind == "n":

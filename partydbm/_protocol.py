@@ -5,7 +5,8 @@ through `Decoder.feed()` as bytes arrive. Shapes:
 
     request   [op, rid, *args]        op: small int (below), rid: request id
     response  [rid, ok, payload]      ok True: payload is the result;
-                                      ok False: payload is [code, message]
+                                      ok False: payload is [code, message] or
+                                      [code, message, errno, filename] (_errors)
 
 The first request on a connection is HELLO [HELLO, 0, {"v": VERSION, "client": id,
 "pid": pid}]; the leader answers [0, True, {"v": VERSION, "pid": pid}] or an error and
@@ -27,15 +28,16 @@ import msgpack
 
 from ._errors import error
 
-VERSION = 1
+VERSION = 2  # 2: pop, setdefault and cas
 
 # Requests. Writes are the ops a leader deduplicates by (client, rid) after failover.
-HELLO, GET, PUT, DELETE, HAS, LEN, CLEAR, BATCH, SCAN, COMPACT, SYNC, GETMANY = range(12)
-WRITES = frozenset({PUT, DELETE, CLEAR, BATCH})
+(HELLO, GET, PUT, DELETE, HAS, LEN, CLEAR, BATCH, SCAN, COMPACT, SYNC, GETMANY, POP,
+ SETDEFAULT, CAS) = range(15)
+WRITES = frozenset({PUT, DELETE, CLEAR, BATCH, POP, SETDEFAULT, CAS})
 OP_NAMES = {
     HELLO: "hello", GET: "get", PUT: "put", DELETE: "delete", HAS: "has", LEN: "len",
     CLEAR: "clear", BATCH: "batch", SCAN: "scan", COMPACT: "compact", SYNC: "sync",
-    GETMANY: "getmany",
+    GETMANY: "getmany", POP: "pop", SETDEFAULT: "setdefault", CAS: "cas",
 }
 
 # -- limits ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Mapping
 
 never_lead = False
@@ -24,13 +25,17 @@ crash_at: tuple[str, int] | None = None
 """(point, n): SIGKILL this process at the n-th passage through `point` (before_apply,
 after_apply, mid_scan)."""
 
+pauses: dict[str, float] = {}
+"""point -> seconds to sleep there ("rmw": between the read and the write of a
+read-modify-write on the leader, to widen the window a race test needs)."""
+
 _passages: dict[str, int] = {}
 
 
 def load(env: Mapping[str, str]) -> None:
-    """Set the seams from PARTYDBM_NEVER_LEAD, PARTYDBM_RESEND_DELAY and
-    PARTYDBM_CRASH_AT ("point[:n]") in `env`."""
-    global never_lead, resend_delay, crash_at
+    """Set the seams from PARTYDBM_NEVER_LEAD, PARTYDBM_RESEND_DELAY, PARTYDBM_CRASH_AT
+    ("point[:n]") and PARTYDBM_PAUSE ("point:seconds[,point:seconds...]") in `env`."""
+    global never_lead, resend_delay, crash_at, pauses
     never_lead = bool(env.get("PARTYDBM_NEVER_LEAD"))
     resend_delay = float(env.get("PARTYDBM_RESEND_DELAY") or 0)
     spec = env.get("PARTYDBM_CRASH_AT")
@@ -39,6 +44,10 @@ def load(env: Mapping[str, str]) -> None:
         crash_at = (point, int(n or 1))
     else:
         crash_at = None
+    pauses = {}
+    for item in filter(None, (env.get("PARTYDBM_PAUSE") or "").split(",")):
+        point, _, seconds = item.partition(":")
+        pauses[point] = float(seconds)
 
 
 def passage(point: str) -> None:
@@ -48,3 +57,10 @@ def passage(point: str) -> None:
     n = _passages[point] = _passages.get(point, 0) + 1
     if n >= crash_at[1]:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause(point: str) -> None:
+    """Sleep as long as `pauses` says for `point` (not at all, normally)."""
+    seconds = pauses.get(point) if pauses else None
+    if seconds:
+        time.sleep(seconds)

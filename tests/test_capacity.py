@@ -2,7 +2,7 @@
 going without the leader growing (file descriptors, threads, memory), a 10 MB value and
 a 100 MB batch from a follower, and the documented limits as clear errors.
 
-The leader is a worker process (tests/workers.py repl) so that its /proc entries can be
+The leader is a worker process (tests/workers/, repl) so that its /proc entries can be
 read; raw clients (tests/hostile.py) make the numbers cheap."""
 
 from __future__ import annotations

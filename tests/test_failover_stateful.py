@@ -75,7 +75,7 @@ class FailoverMachine(RuleBasedStateMachine):
     @rule()
     def kill_leader(self) -> None:
         for i, h in enumerate(self.holders):
-            if h.pid == self.db._engine.leader_pid:  # type: ignore[union-attr]
+            if h.pid == self.db._engine.leader_pid:
                 h.kill()
                 h.close()
                 self.holders[i] = Holder()

@@ -1,4 +1,4 @@
-"""A busy leader answers its followers in passing (_server.Server.poll): the
+"""A busy leader answers its followers in passing (_passing.Passing.poll): the
 application's thread answers small requests on its way into the database and the
 serving threads park; big or slow requests go back to them, and when the application
 stops calling, the watchdog hands every connection back. Checked against a model, with
@@ -7,11 +7,17 @@ the leader busy in one of its threads while followers work."""
 from __future__ import annotations
 
 import os
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from partydbm import _protocol as P
+from partydbm._dispatch import Peer
+from partydbm._passing import Conn, Passing
 
 from .procs import DEADLINE, Party, Worker
 
@@ -29,7 +35,7 @@ def busy():
 busy_thread = threading.Thread(target=busy, daemon=True)
 busy_thread.start()
 """
-IN_PASSING = "db._engine.server.in_passing"
+IN_PASSING = "db._engine.server.passing.answered"
 
 
 @pytest.fixture
@@ -105,18 +111,18 @@ def test_closing_a_busy_leader_hands_over_with_nothing_lost(party: Party,
 
 
 INTERRUPT_ONCE = """
-from partydbm import _server
 interrupted = []
-_handle = _server.Server._handle
-def _handle_then_interrupt(self, peer, msg, pack):
-    out = _handle(self, peer, msg, pack)
+passing = db._engine.server.passing
+_handle = passing._handle
+def _handle_then_interrupt(peer, msg, pack):
+    out = _handle(peer, msg, pack)
     if threading.current_thread() is busy_thread and not interrupted and len(seen) >= 20:
         interrupted.append(msg[0])
         raise KeyboardInterrupt  # applied, its reply not sent
     seen.append(1) if threading.current_thread() is busy_thread else None
     return out
 seen = []
-_server.Server._handle = _handle_then_interrupt
+passing._handle = _handle_then_interrupt
 busy_stop = threading.Event()
 def busy():
     while not busy_stop.is_set():
@@ -166,8 +172,9 @@ def test_a_process_that_only_serves_never_answers_in_passing(party: Party,
                                                              tmp_path: Path) -> None:
     path = tmp_path / "db"
     leader, follower = party.repl(), party.repl()
-    leader.exec("from partydbm import _server\n_server.serve_only()")
-    assert leader.open(path) == "leader"
+    assert leader.exec(f"from partydbm._open import open_to_serve\n"
+                       f"db = open_to_serve({str(path)!r})\n"
+                       "result = db.is_leader")
     assert follower.open(path) == "follower"
     leader.exec(BUSY.format(call="db.get(b'busy')"))
     follower.exec("for i in range(200): db[b'k%d' % i] = b'v'")
@@ -184,10 +191,10 @@ def test_if_epoll_fails_the_serving_threads_take_everything_back(party: Party,
                 "    def poll(self, timeout): raise OSError(5, 'broken')\n"
                 "    def close(self): pass\n"
                 "    def unregister(self, fd): pass\n"
-                "db._engine.server._epoll = Broken()")
+                "db._engine.server.passing._epoll = Broken()")
     got = follower.exec("result = [db[b'k%d' % i] for i in range(50)]")
     assert got == [b"v"] * 50
-    assert leader.eval("db._engine.server.inline") is False
+    assert leader.eval("db._engine.server.passing.active") is False
 
 
 @pytest.mark.parametrize("call", ["db[b'k']", "db[b'k'] = b'v'", "b'k' in db",
@@ -203,3 +210,51 @@ def test_every_way_into_the_database_answers_in_passing(party: Party, tmp_path: 
     leader.exec(BUSY.format(call=call))
     assert follower.exec("result = [db[b'k'] for _ in range(300)]") == [b"v"] * 300
     assert leader.eval(IN_PASSING) > 0
+
+
+def test_a_connection_ended_in_passing_leaves_the_epoll_set_before_its_fd_comes_back() -> None:
+    """poll() ends a connection when the application's thread is interrupted in the
+    middle of its request. It must stop watching it before the hang-up frees its fd
+    number: the next accepted connection can get that number, and the ended one's
+    clean-up used to unwatch the newcomer instead (which then stayed parked while the
+    application was busy)."""
+    interrupted: list[bytes] = []
+
+    def handle(peer: Peer, msg: Any, pack: Callable[[Any], bytes]) -> tuple[bytes, bool]:
+        if not interrupted:
+            interrupted.append(peer.client or b"")
+            raise KeyboardInterrupt  # the application's, in the middle of a request
+        return pack([msg[1], True, b"v"]), False
+
+    now = [100.0]
+    passing = Passing(handle, clock=lambda: now[0])
+    a, a_far = socket.socketpair()
+    b_far = None
+    try:
+        first = Conn(a)
+        first.peer.client = b"first"
+        passing.watch(first)
+        fd = a.fileno()
+        a_far.send(P.pack([P.GET, 1, b"k"]))
+        with pytest.raises(KeyboardInterrupt):
+            passing.poll()
+        assert interrupted == [b"first"] and first.end
+        b, b_far = socket.socketpair()
+        if b.fileno() != fd:  # make sure the number comes back, as accept() may do
+            os.dup2(b.fileno(), fd)
+            b.close()
+            b = socket.socket(fileno=fd)
+        second = Conn(b)
+        second.peer.client = b"second"
+        passing.watch(second)
+        passing.unwatch(first)  # what the first connection's thread does as it ends
+        b_far.send(P.pack([P.GET, 2, b"k"]))
+        b_far.settimeout(DEADLINE)
+        now[0] += 1.0  # the next poll is due
+        passing.poll()
+        assert P.unpack(b_far.recv(64)) == [2, True, b"v"]
+    finally:
+        passing.stop()
+        for s in (a_far, b_far):
+            if s is not None:
+                s.close()

@@ -93,7 +93,7 @@ def test_reads_always_return_bytes(open_db: Opener) -> None:
     assert all(type(k) is bytes and type(v) is bytes for k, v in db.iterator())
     assert type(db.firstkey()) is bytes and type(db.nextkey("k")) is bytes
     assert type(db.setdefault("k3", b"zz")) is bytes
-    assert type(db.pop("k3")) is bytes  # type: ignore[call-overload]  # str keys too
+    assert type(db.pop("k3")) is bytes
     k, v = db.popitem()
     assert type(k) is bytes and type(v) is bytes
 
@@ -345,6 +345,33 @@ def test_pop(open_db: Opener) -> None:
     assert contents(db) == {}
 
 
+def test_compare_and_set_sets_inserts_and_deletes_only_on_a_match(open_db: Opener) -> None:
+    db = open_db()
+    assert db.compare_and_set(b"k", None, b"1") is True  # None expected: absent
+    assert db.compare_and_set(b"k", None, b"2") is False
+    assert db.compare_and_set(b"k", b"0", b"2") is False
+    assert db[b"k"] == b"1"
+    assert db.compare_and_set("k", "1", bytearray(b"2")) is True  # any bytes-like
+    assert db[b"k"] == b"2"
+    assert db.compare_and_set(b"k", b"2", None) is True  # None new: delete
+    assert b"k" not in db
+    assert db.compare_and_set(b"k", b"2", None) is False
+    assert db.compare_and_set(b"gone", None, None) is True  # absent stays absent
+    assert contents(db) == {}
+
+
+def test_compare_and_set_checks_types_and_limits_like_a_put(open_db: Opener) -> None:
+    db = open_db()
+    with pytest.raises(TypeError):
+        db.compare_and_set(b"k", None, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        db.compare_and_set(b"k", 1, b"v")  # type: ignore[arg-type]
+    with pytest.raises(partydbm.error) as info:
+        db.compare_and_set(b"k", None, b"x" * (partydbm._protocol.MAX_VALUE + 1))
+    assert "MAX_VALUE" in str(info.value)
+    assert contents(db) == {}
+
+
 def test_popitem_removes_and_returns_pairs_until_KeyError(open_db: Opener) -> None:
     db = open_db()
     model = fill(db, 20)
@@ -564,6 +591,7 @@ AFTER_CLOSE: dict[str, Callable[[partydbm.PartyDBM], Any]] = {
     "pop": lambda db: db.pop(b"a"),
     "pop default": lambda db: db.pop(b"missing", b"d"),
     "popitem": lambda db: db.popitem(),
+    "compare_and_set": lambda db: db.compare_and_set(b"a", b"1", b"2"),
     "update": lambda db: db.update({b"b": b"2"}),
     "update kwargs": lambda db: db.update(b="2"),
     "clear": lambda db: db.clear(),
@@ -684,6 +712,8 @@ WRITES: dict[str, Callable[[partydbm.PartyDBM], Any]] = {
     "pop": lambda db: db.pop(b"a"),
     "pop with default": lambda db: db.pop(b"a", b"d"),
     "popitem": lambda db: db.popitem(),
+    "compare_and_set": lambda db: db.compare_and_set(b"a", b"1", b"2"),
+    "compare_and_set failing": lambda db: db.compare_and_set(b"a", b"other", b"2"),
     "update mapping": lambda db: db.update({b"new": b"1"}),
     "update pairs": lambda db: db.update([(b"new", b"1")]),
     "update kwargs": lambda db: db.update(new=b"1"),

@@ -1,6 +1,6 @@
 """The party: several processes on one database at once, checked against a model.
 
-Every process here is a worker (tests/workers.py) driven through mp_util: the test
+Every process here is a worker (tests/workers/) driven through tests/procs.py: the test
 process itself never opens a database, so no test leaves an engine or a lock-waiter
 thread behind in pytest. Crashes are SIGKILL; every wait has a deadline.
 """
@@ -455,8 +455,9 @@ def test_serving_threads_give_way_to_the_leaders_own_threads(party: Party,
     base = os.getpriority(os.PRIO_PROCESS, 0)  # the worker's, inherited (`nice make test`)
     assert step > 0 and base < 19, "at niceness 19 the serving threads cannot go lower"
     assert nice["MainThread"] == base
-    assert nice["partydbm-serve"] == min(base + step, 19)
-    assert nice["partydbm-accept"] == min(base + step, 19)
+    by_job = {name.split()[0]: v for name, v in nice.items()}
+    assert by_job["partydbm-serve"] == min(base + step, 19)
+    assert by_job["partydbm-accept"] == min(base + step, 19)
     # The application's own threads keep theirs, new ones included.
     leader.exec("t = threading.Thread(target=lambda: None, name='app'); t.start(); t.join()")
     assert leader.eval("os.getpriority(os.PRIO_PROCESS, threading.get_native_id())") == base
@@ -476,3 +477,22 @@ def test_a_leader_on_one_cpu_keeps_its_serving_threads_at_its_priority(
     follower.exec("db[b'k'] = b'v'")
     leader.exec(NICENESS)
     assert set(leader.eval("list(niceness().values())")) == {os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+def test_every_thread_of_partydbm_has_a_name_of_its_own(party: Party, tmp_path: Path) -> None:
+    """py-spy and threading.enumerate() tell partydbm's threads apart: no two share a
+    name, whatever their job or database (the hang-up watch and the passing watchdog
+    were both "partydbm-watch" once)."""
+    leader, follower = party.repl(), party.repl()
+    for name in ("db", "db2"):
+        assert leader.open(tmp_path / name, name=name) == "leader"
+        assert follower.open(tmp_path / name, name=name) == "follower"
+        follower.exec(f"{name}[b'k'] = b'v'")  # its serving thread has its name
+    names = "[t.name for t in threading.enumerate() if t.name.startswith('partydbm')]"
+    for worker, jobs in ((leader, ["accept", "serve", "watchdog"]),
+                         (follower, ["hangup-watch"])):
+        got = worker.eval(names)
+        assert len(got) == len(set(got)), got
+        assert sorted(n.split()[0] for n in got) == sorted(
+            f"partydbm-{job}" for job in jobs for _ in range(2)), got
+        assert all(str(tmp_path) in n for n in got), got

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import partydbm
+from partydbm import _protocol as P
 
 from .conftest import Opener
 from .procs import Holder, Party
@@ -304,6 +305,21 @@ def test_every_error_pickles_keeping_type_and_args(cls: type[OSError],
         assert back.errno == exc.errno
         assert back.filename == exc.filename
         assert str(back) == str(exc)
+
+
+@pytest.mark.parametrize("cls", ALL_ERRORS)
+@pytest.mark.parametrize("args", [(), ("a message",), (errno.ENOSPC, "No space left"),
+                                  (errno.EEXIST, "exists", "/some/path")])
+def test_every_error_crosses_the_wire_keeping_type_errno_and_text(
+        cls: type[OSError], args: tuple[Any, ...]) -> None:
+    """What a follower raises for an error on the leader: same class, errno and text
+    (a full disk is ENOSPC in both roles)."""
+    from partydbm._errors import from_wire, to_wire
+
+    exc = cls(*args)
+    back = from_wire(P.unpack(P.pack(to_wire(exc))))
+    assert type(back) is cls
+    assert (back.errno, back.filename, str(back)) == (exc.errno, exc.filename, str(exc))
 
 
 def test_a_raised_open_error_pickles_with_its_filename(tmp_path: Path) -> None:

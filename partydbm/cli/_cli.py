@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from .._election import shown_address
+from .._engine import Engine
 from .._errors import error
 from .._mapping import PartyDBM
 from .._open import open as party_open
@@ -359,13 +360,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def info(db: PartyDBM) -> dict[str, Any]:
     engine = db._engine
-    assert engine is not None
+    assert isinstance(engine, Engine)
     address = engine.address
-    backend = engine.backend
-    stats = backend.stats() if backend is not None else None
+    stats = engine.stats()
     return {
         "path": db.name,
-        "role": "leader" if backend is not None else "follower",
+        "role": "leader" if db.is_leader else "follower",
         "leader_pid": engine.leader_pid,
         "socket": shown_address(engine.path, address),
         "keys": len(db),

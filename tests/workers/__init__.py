@@ -9,6 +9,7 @@ loads the test seams first thing (__main__.py). Results go to stdout, one JSON l
                 databases and only serves them)
     oneshot.py  turnover, plain_leveldb, uid_probe
     fork.py     handles inherited through fork (multiprocessing and os.fork)
+    races.py    threads racing over the same keys; close_under_threads
     torture.py  seeded random operations checked against a model, logged for the parent
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 from tests.wire import encode
@@ -39,3 +41,12 @@ def write_range(handle: Any, fmt: str, n: int, value_fmt: str) -> dict[bytes, by
         handle[key] = value
         written[key] = value
     return written
+
+
+def wait_file(path: str, timeout: float = DEADLINE) -> None:
+    """A barrier across processes: return once `path` exists."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.001)

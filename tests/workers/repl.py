@@ -11,10 +11,11 @@ import traceback
 from typing import Any
 
 import partydbm
-from partydbm import _server
+from partydbm._open import open_to_serve
 from tests.wire import decode
 
-from . import DEADLINE, report, write_range
+from . import DEADLINE, report, wait_file, write_range
+from .races import race
 
 # Module globals, not locals: a handle a worker leaves open must stay open until the
 # interpreter exits (a local would be closed by its __del__ when the function returns).
@@ -29,7 +30,7 @@ def repl() -> None:
     the test opened (in NS) open: interpreter exit, no explicit close."""
     NS.update(partydbm=partydbm, os=os, sys=sys, time=time, threading=threading,
               random=random, wait_file=wait_file, thread_workload=thread_workload,
-              write_range=write_range, write_through=write_through, held=held,
+              write_range=write_range, write_through=write_through, race=race, held=held,
               hold=hold, let_go=let_go)
     while True:
         line = sys.stdin.readline()
@@ -52,7 +53,6 @@ def repl() -> None:
 def holder() -> None:
     """A repl that holds databases (`hold`, `let_go`, `held`) and only serves them;
     when its stdin closes it closes every handle, so that a leader hands over."""
-    _server.serve_only()
     try:
         repl()
     finally:
@@ -63,7 +63,7 @@ def holder() -> None:
 def hold(path: str, flag: str) -> str:
     """Open `path` (closing this worker's earlier handle on it); 'leader' or 'follower'."""
     let_go(path)
-    handle = held[path] = partydbm.open(path, flag)
+    handle = held[path] = open_to_serve(path, flag, timeout=10.0)
     return "leader" if handle.is_leader else "follower"
 
 
@@ -71,15 +71,6 @@ def let_go(path: str) -> None:
     handle = held.pop(path, None)
     if handle is not None:
         handle.close()
-
-
-def wait_file(path: str, timeout: float = DEADLINE) -> None:
-    """A barrier across processes: return once `path` exists."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.001)
 
 
 def write_through(handle: Any, fmt: str, started: str | None, flag: str, extra: int = 100,
