@@ -164,8 +164,14 @@ def test_synced_writes_are_never_answered_in_passing(party: Party, tmp_path: Pat
     follower.exec("for i in range(100): synced[b's%d' % i] = b'v'\n"
                   "for i in range(0, 100, 2): del synced[b's%d' % i]")
     assert leader.eval(IN_PASSING) == 0
-    assert follower.eval("[synced.get(b's%d' % i) for i in range(4)]") == [None, b"v"] * 2
-    assert leader.eval(IN_PASSING) > 0
+    # The reads pass. On a loaded machine the busy thread may look idle to the
+    # watchdog for a moment and a read go to the serving thread: read until one passes.
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        assert follower.eval("[synced.get(b's%d' % i) for i in range(4)]") == [None, b"v"] * 2
+        if leader.eval(IN_PASSING) > 0:
+            break
+        assert time.monotonic() < deadline, "no read was answered in passing"
 
 
 def test_a_process_that_only_serves_never_answers_in_passing(party: Party,
