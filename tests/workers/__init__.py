@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tests.wire import encode
@@ -50,3 +52,16 @@ def wait_file(path: str, timeout: float = DEADLINE) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear within {timeout}s")
         time.sleep(0.001)
+
+
+def run_threads(target: Callable[[int], None], n: int, timeout: float = DEADLINE
+                ) -> list[threading.Thread]:
+    """Run target(0) .. target(n - 1) in daemon threads, joined against one deadline;
+    the threads still running at the deadline."""
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0.001))
+    return [t for t in threads if t.is_alive()]

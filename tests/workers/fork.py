@@ -55,20 +55,32 @@ def _inherited_use(handle: Any, i: int, n: int) -> dict[str, Any]:
     return res
 
 
-def fork_from_leader(path: str) -> None:
-    """The parent leads; two forked children use the inherited handle."""
+def _lead_and_fork_two(path: str, child: Any, duplex: bool
+                       ) -> tuple[Any, dict[str, Any], list[Any], list[Any]]:
+    """Open `path` (this process leads), write b"parent", and fork two children that
+    run child(conn, i, handle); (handle, report so far, our pipe ends, the children)."""
     ctx = multiprocessing.get_context("fork")
     handle = partydbm.open(path)
     out: dict[str, Any] = {"parent_leader": handle.is_leader}
     handle["parent"] = "p"
     conns, procs = [], []
     for i in range(2):
-        mine, theirs = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_guarded, args=(theirs, _inherited_use, handle, i, 50))
+        mine, theirs = ctx.Pipe(duplex=duplex)
+        p = ctx.Process(target=child, args=(theirs, i, handle))
         p.start()
-        theirs.close()
+        theirs.close()  # the child's end: our recv() sees EOF if the child dies
         conns.append(mine)
         procs.append(p)
+    return handle, out, conns, procs
+
+
+def _inherited_child(conn: Any, i: int, handle: Any) -> None:
+    _guarded(conn, _inherited_use, handle, i, 50)
+
+
+def fork_from_leader(path: str) -> None:
+    """The parent leads; two forked children use the inherited handle."""
+    handle, out, conns, procs = _lead_and_fork_two(path, _inherited_child, duplex=False)
     out["children"] = [_recv(c) for c in conns]
     out["exitcodes"] = _join(procs)
     out["parent_leader_after"] = handle.is_leader
@@ -107,17 +119,7 @@ def _late_writes(handle: Any, i: int) -> dict[bytes, bytes]:
 
 def fork_outlive_close(path: str) -> None:
     """The parent leads, forks two writers, and closes its handle while they write."""
-    ctx = multiprocessing.get_context("fork")
-    handle = partydbm.open(path)
-    out: dict[str, Any] = {"parent_leader": handle.is_leader}
-    handle["parent"] = "p"
-    conns, procs = [], []
-    for i in range(2):
-        mine, theirs = ctx.Pipe()
-        p = ctx.Process(target=_guarded_duplex, args=(theirs, i, handle))
-        p.start()
-        conns.append(mine)
-        procs.append(p)
+    handle, out, conns, procs = _lead_and_fork_two(path, _guarded_duplex, duplex=True)
     out["started"] = [_recv_raw(c) for c in conns]
     handle.close()
     for c in conns:

@@ -11,7 +11,7 @@ from typing import Any
 
 import partydbm
 
-from . import DEADLINE, report, wait_file
+from . import DEADLINE, report, run_threads, wait_file
 
 
 def race(handle: Any, op: str, keys: list[bytes], seed: int, start: str,
@@ -68,13 +68,8 @@ def race(handle: Any, op: str, keys: list[bytes], seed: int, start: str,
         except BaseException:
             errors.append(traceback.format_exc())
 
-    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(nthreads)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + DEADLINE
-    for t in threads:
-        t.join(max(deadline - time.monotonic(), 0.001))
-    if errors or any(t.is_alive() for t in threads):
+    running = run_threads(run, nthreads)
+    if errors or running:
         raise AssertionError(f"race {op}: {errors or 'threads still running'}")
     return out
 

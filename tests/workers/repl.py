@@ -14,7 +14,7 @@ import partydbm
 from partydbm._open import open_to_serve
 from tests.wire import decode
 
-from . import DEADLINE, report, wait_file, write_range
+from . import DEADLINE, report, run_threads, wait_file, write_range
 from .races import race
 
 # Module globals, not locals: a handle a worker leaves open must stay open until the
@@ -117,13 +117,7 @@ def thread_workload(handle: Any, seed: int, nthreads: int = 4, nops: int = 300,
         except BaseException:
             errors.append(f"thread {i} op {n} (seed {seed}):\n{traceback.format_exc()}")
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(nthreads)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + DEADLINE
-    for t in threads:
-        t.join(max(deadline - time.monotonic(), 0.001))
-    errors += [f"{t.name} still running at the deadline" for t in threads if t.is_alive()]
+    errors += [f"{t.name} still running at the deadline" for t in run_threads(run, nthreads)]
     merged: dict[bytes, bytes] = {}
     for model in models:
         merged.update(model)
