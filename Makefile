@@ -29,13 +29,17 @@ format-check: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Two or more workers (pytest-xdist); tests marked multiprocess share one of them.
+# pytest-xdist, one worker more than CPUs (tests/conftest.py); the tests marked
+# multiprocess share one worker.
 PYTEST_ARGS ?= -n auto --dist loadgroup --durations=10
+# The suite starts a few hundred Python processes: let them keep compiled bytecode (in
+# the venv, not the tree) even where the environment says PYTHONDONTWRITEBYTECODE.
+PYTEST_ENV := env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 conformance: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider conformance
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider conformance
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
