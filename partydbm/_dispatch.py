@@ -30,6 +30,7 @@ class Peer:
     applied: int = 0
     kept: list[int] = field(default_factory=list)  # rids whose outcomes are stored
     inline: dict[int, Any] = field(default_factory=dict)  # outcomes in an old record
+    attached: bool = False  # uses the leader's change ring (a Publisher counts it)
     pid: int = 0
     uid: int = -1
     gid: int = -1
@@ -139,6 +140,14 @@ def _key_sync(key: Any, sync: Any) -> tuple[Any, ...]:
     return _key(key), bool(sync)
 
 
+def _key_len(key: Any, max_len: Any) -> tuple[Any, ...]:
+    return _key(key), _int(max_len, "a length")
+
+
+def _keys_len(keys: Any, max_len: Any) -> tuple[Any, ...]:
+    return _keys(keys), _int(max_len, "a length"), P.MAX_BATCH_BYTES
+
+
 @dataclass(frozen=True)
 class Op:
     check: Callable[..., tuple[Any, ...]]  # a follower's arguments, checked (ProtocolError)
@@ -161,6 +170,8 @@ OPS: dict[int, Op] = {
     P.SETDEFAULT: Op(_put_args, Store.setdefault, keep=True),
     P.CAS: Op(_cas_args, Store.compare_and_set, keep=True),
     P.CLEAR: Op(lambda sync: (bool(sync),), Store.clear),
+    P.GETPOS: Op(_key_len, Store.get_at),
+    P.GETMANYPOS: Op(_keys_len, Store.get_many_at),
     P.BATCH: Op(_batch_args, _batch),
 }
 assert set(OPS) == set(P.OP_NAMES) - {P.HELLO}, "every operation needs an entry"

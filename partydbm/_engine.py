@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
+import stat
 import subprocess
 import sys
 import threading
@@ -27,12 +29,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _seams, _sockets
+from . import _ring, _seams, _sockets
 from ._backend import LockHeld, LockTainted, open_db
+from ._cache import Cache, CachedRoute
 from ._client import Connection, Slot
 from ._dispatch import Dispatcher, Peer
-from ._election import LockFile, shown_address, socket_address
+from ._election import HelperLock, LockFile, shown_address, socket_address
 from ._errors import CLOSED_MESSAGE, ClosedError, LeaderLostError, Timeout, error
+from ._publish import Publisher
 from ._remote import RemoteRoute, Unrouted
 from ._routes import CLOSED, ClosedRoute, LocalRoute
 from ._server import Observer, Server
@@ -54,6 +58,7 @@ class Engine:
         self.refs = 0
         self.closed = False
         self.serve_only = False  # set before start(): this process only serves
+        self.cache_size = 0  # bytes a follower caches (the largest any handle asked for)
         self.route: Route = Unrouted(self)
         self.server: Server | None = None
         self._lockfile = lockfile
@@ -64,6 +69,7 @@ class Engine:
         self._rerouting = False
         self._lock_won = False
         self._helper: subprocess.Popen[bytes] | None = None
+        self._helper_lock: HelperLock | None = None
         self._refused = ""  # why the last thing at our address was not talked to
         self._new_identity()
 
@@ -127,7 +133,12 @@ class Engine:
         requests in order (writes the old leader applied are recognised and skipped),
         then serve, then let the handles' requests take the local route. Raises with
         the LOCK still held: the caller gives it back."""
-        store = Store(open_db(self.path))
+        backend = open_db(self.path)
+        # Before anything is read or written: a follower that has not noticed the old
+        # leader's death must stop answering from its cache (_cache.py).
+        _ring.retire_at(self.path)
+        _seams.passage("promote")  # the old ring is retired; nothing served yet
+        store = Store(backend, Publisher(self.path, stat.S_IMODE(os.stat(self.path).st_mode)))
         try:
             if _seams.resend_delay and slots:
                 time.sleep(_seams.resend_delay)
@@ -218,7 +229,7 @@ class Engine:
     def _find_route(self, slots: list[Slot], deadline: float | None) -> None:
         """Connect to the leader, or become it. Called with `_cond` held; waits on the
         LOCK (through the waiter thread) rather than polling it."""
-        backoff = 0.0002
+        backoff, start = 0.0002, time.monotonic()
         while True:
             if self.closed:
                 raise ClosedError(CLOSED_MESSAGE)
@@ -237,7 +248,7 @@ class Engine:
                 if _seams.resend_delay and slots:
                     time.sleep(_seams.resend_delay)
                 conn.resend(slots)
-                self.route = RemoteRoute(self, conn)
+                self.route = self._follow(conn)
                 threading.Thread(target=self._watch, args=(conn,), daemon=True,
                                  name=f"partydbm-hangup-watch {self.path}").start()
                 return
@@ -245,8 +256,34 @@ class Engine:
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise self._timeout_error(deadline)
-            self._cond.wait(backoff if remaining is None else min(backoff, remaining))
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            pause = random.uniform(backoff / 2, backoff)  # a crowd must not poll in step
+            self._cond.wait(pause if remaining is None else min(pause, remaining))
+            # Doubling up to MAX_BACKOFF, and beyond it to a tenth of the time waited so
+            # far: hundreds of processes polling every 5 ms for a leader that is slow to
+            # appear (a helper starting) took the CPU it needed to start.
+            backoff = min(backoff * 2, max(MAX_BACKOFF, (time.monotonic() - start) / 10))
+
+    def _follow(self, conn: Connection) -> RemoteRoute:
+        """The route through `conn`: with a cache if the leader offered its change ring
+        and this process wants one."""
+        epoch = conn.ring_epoch
+        if epoch is not None and self.cache_size > 0:
+            try:
+                return CachedRoute(self, conn, Cache(_ring.View(self.path, epoch),
+                                                     self.cache_size))
+            except (OSError, ValueError):
+                pass  # replaced or retired meanwhile: read from the leader
+        return RemoteRoute(self, conn)
+
+    def want_cache(self, size: int) -> None:
+        """A handle asks for a follower cache of `size` bytes: the process's cache (one
+        per database) holds the largest size asked for, from its next leader on (and
+        from now on if it has one already)."""
+        with self._cond:
+            self.cache_size = max(self.cache_size, size)
+            route = self.route
+            if isinstance(route, CachedRoute):
+                route.cache.limit = self.cache_size
 
     def _contend(self) -> None:
         """Make sure this process competes for leadership: a thread blocked on the LOCK
@@ -276,7 +313,10 @@ class Engine:
         try:
             conn = Connection.open(self.address, self.client, self._rids,
                                    None if remaining is None else max(remaining, 0.001),
-                                   self.path)
+                                   self.path, ring=self.cache_size > 0 and _ring.ORDERED_MEMORY)
+        except _sockets.Busy as exc:  # it retried until our deadline: say why we failed
+            raise Timeout(f"no partydbm leader answered for {self.path!r} in time: "
+                          f"{exc.strerror}") from exc
         except _sockets.Refused as exc:  # not a leader we talk to: wait for a real one
             self._refused = str(exc)
             return None
@@ -308,6 +348,10 @@ class Engine:
         leads through a fresh helper process that lives as long as it does."""
         if self._helper is not None and self._helper.poll() is None:
             return
+        if self._helper_lock is None:
+            self._helper_lock = HelperLock(self.path)
+        if not self._helper_lock.try_lock():
+            return  # another such process keeps a helper: one for the whole crowd
         self._helper = subprocess.Popen(
             [sys.executable, "-m", "partydbm._helper", self.path],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
@@ -336,6 +380,8 @@ class Engine:
                     slot.finish(exc=ClosedError(CLOSED_MESSAGE))
             if self._helper is not None and self._helper.stdin is not None:
                 self._helper.stdin.close()
+            if self._helper_lock is not None:
+                self._helper_lock.release()
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
@@ -353,6 +399,9 @@ class Engine:
             route.conn.forget_after_fork()
         self.route = Unrouted(self)  # the next request finds a route of its own
         self._helper = None
+        if self._helper_lock is not None:
+            self._helper_lock.release()  # the parent's: this closes the child's fd only
+            self._helper_lock = None
         self._rerouting = False
         self._lock_won = False
         self._new_identity()

@@ -52,13 +52,15 @@ class PartyDBM(MutableMapping[bytes, bytes]):
     _engine: Engine | _Closed
 
     def __init__(self, engine: Engine, path: str, readonly: bool, sync: bool,
-                 retry: bool, timeout: float | None) -> None:
+                 retry: bool, timeout: float | None, cached: bool = True) -> None:
         self._engine = engine
         self.name = path
         self._readonly = readonly
         self._sync = sync
+        # The policy its route reads (_routes.Policy):
         self._retry = retry
         self._timeout = timeout
+        self._cached = cached
 
     # -- the choke points: every request is one of these (or the hot get/put) -----------
     def _run(self, op: int, *args: Any) -> Any:

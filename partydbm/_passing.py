@@ -44,7 +44,7 @@ BUSY = 200e-6
 """A serving thread parks while the application's thread looked within this many
 seconds; after that the watchdog hands its connection back to it."""
 WATCHDOG_EVERY = 1e-3  # seconds between the watchdog's checks while a thread is parked
-SMALL_OPS = frozenset({P.GET, P.HAS, P.PUT, P.DELETE})  # what may be answered in passing
+SMALL_OPS = frozenset({P.GET, P.GETPOS, P.HAS, P.PUT, P.DELETE})  # answered in passing
 
 RECV_SIZE = 64 * 1024  # larger reads made glibc mmap/munmap per recv
 

@@ -24,10 +24,12 @@ _engines: dict[str, Engine] = {}
 _lockfiles: dict[str, LockFile] = {}
 
 
-def acquire(path: str, timeout: float | None, serve_only: bool = False) -> Engine:
+def acquire(path: str, timeout: float | None, serve_only: bool = False,
+            cache_size: int = 0) -> Engine:
     """The process's engine for `path` (real path), started; one more reference.
     `serve_only`: this process only serves the database (its next leadership runs
-    without answering in passing and without niced serving threads)."""
+    without answering in passing and without niced serving threads). `cache_size`:
+    what the handle asks of the follower cache (Engine.want_cache)."""
     with _lock:
         engine = _engines.get(path)
         if engine is None:
@@ -41,6 +43,7 @@ def acquire(path: str, timeout: float | None, serve_only: bool = False) -> Engin
                 path, lockfile, lambda: _lock_acquired(path, lockfile))
         engine.refs += 1
         engine.serve_only |= serve_only
+    engine.want_cache(cache_size)  # before start(): its first route may be cached
     try:
         engine.start(timeout)
     except BaseException:

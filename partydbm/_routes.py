@@ -27,6 +27,7 @@ class Policy(Protocol):
 
     _retry: bool
     _timeout: float | None
+    _cached: bool  # may read from the follower cache
 
 
 class LocalRoute:

@@ -23,21 +23,30 @@ so that a test can issue other writes in between."""
 
 crash_at: tuple[str, int] | None = None
 """(point, n): SIGKILL this process at the n-th passage through `point` (before_apply,
-after_apply, mid_scan)."""
+after_apply, mid_scan; after_write, mid_append: publishing a change to the ring;
+promote: taking over, the old ring retired and nothing served yet)."""
 
 pauses: dict[str, float] = {}
 """point -> seconds to sleep there ("rmw": between the read and the write of a
-read-modify-write on the leader, to widen the window a race test needs)."""
+read-modify-write on the leader; "after_write": between a published write and the
+publication of its outcome; to widen the window a race test needs)."""
+
+listen_backlog: int | None = None
+"""A leader's listen backlog instead of the largest the system allows: a small one that
+a small crowd fills, so that its connects must wait for room."""
 
 _passages: dict[str, int] = {}
 
 
 def load(env: Mapping[str, str]) -> None:
     """Set the seams from PARTYDBM_NEVER_LEAD, PARTYDBM_RESEND_DELAY, PARTYDBM_CRASH_AT
-    ("point[:n]") and PARTYDBM_PAUSE ("point:seconds[,point:seconds...]") in `env`."""
-    global never_lead, resend_delay, crash_at, pauses
+    ("point[:n]"), PARTYDBM_PAUSE ("point:seconds[,point:seconds...]") and
+    PARTYDBM_LISTEN_BACKLOG in `env`."""
+    global never_lead, resend_delay, crash_at, pauses, listen_backlog
     never_lead = bool(env.get("PARTYDBM_NEVER_LEAD"))
     resend_delay = float(env.get("PARTYDBM_RESEND_DELAY") or 0)
+    backlog = env.get("PARTYDBM_LISTEN_BACKLOG")
+    listen_backlog = int(backlog) if backlog else None
     spec = env.get("PARTYDBM_CRASH_AT")
     if spec:
         point, _, n = spec.partition(":")

@@ -50,7 +50,8 @@ from ._store import Store
 
 FLUSH_BYTES = 256 * 1024  # replies to one read are sent in pieces of about this much
 MAX_ERROR_TEXT = 4096  # characters of an error message sent to a follower
-ACCEPT_BACKOFF = 0.05  # seconds between accept() attempts while out of file descriptors
+ACCEPT_BACKOFF = 0.05  # seconds between accept() attempts while out of fds or threads
+FD_SPARE = 64  # fds a leader keeps free (raising its soft limit) for LevelDB and the app
 SERVE_NICENESS = 10
 """How much nicer the serving threads run than the thread that takes the lead (Linux:
 niceness is per thread; only with 2 CPUs or more)."""
@@ -114,6 +115,7 @@ class Server:
     def forget_after_fork(self) -> None:
         """In a forked child: close our copies of the fds, end nothing for the parent."""
         if self._listener is not None:
+            _sockets.drop_accepted(self._listener)
             _sockets.drop(self._listener)
         for sock in self._conns:
             _sockets.drop(sock)
@@ -133,24 +135,44 @@ class Server:
             except OSError as exc:
                 if self._closing:
                     return
+                # The connection waits in the backlog. Out of this process's quota of fds,
+                # take more (a crowd of followers must not wait for fds that may never
+                # come back); at the hard limit, or short of anything else, retrying at
+                # once would spin a core until some handler gives its fd back.
+                if exc.errno == errno.EMFILE and _sockets.more_files(None, FD_SPARE):
+                    continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The connection waits in the backlog; retrying at once would spin a
-                    # core until some handler gives an fd back.
                     time.sleep(ACCEPT_BACKOFF)
                 continue
-            with self._lock:
-                if self._closing:
-                    _sockets.hang_up(sock)
-                    return
-                if len(self._conns) >= P.MAX_CONNECTIONS:
-                    _refuse_now(sock, f"the partydbm leader serves {len(self._conns)} "
-                                "followers already (partydbm._protocol.MAX_CONNECTIONS)")
-                    continue
-                t = threading.Thread(target=self._serve, args=(sock,), daemon=True,
-                                     name=f"partydbm-serve fd {sock.fileno()} {self.db_path}")
-                self._conns.add(sock)
-                self._threads.add(t)
+            # Connections must never take the fds LevelDB needs (it keeps the error of a
+            # compaction that could not create its file and fails every later write
+            # with it): keep FD_SPARE of them free.
+            _sockets.more_files(sock.fileno(), FD_SPARE)
+            while not self._hand_over(sock):
+                time.sleep(ACCEPT_BACKOFF)  # no thread to be had: the follower waits
+
+    def _hand_over(self, sock: _sockets.Socket) -> bool:
+        """Start the thread that serves `sock` (or turn it away). False if the system
+        would not start a thread now (a limit on tasks: try again later)."""
+        with self._lock:
+            if self._closing:
+                _sockets.hang_up(sock)
+                return True
+            if len(self._conns) >= P.MAX_CONNECTIONS:
+                _refuse_now(sock, f"the partydbm leader serves {len(self._conns)} "
+                            "followers already (partydbm._protocol.MAX_CONNECTIONS)")
+                return True
+            t = threading.Thread(target=self._serve, args=(sock,), daemon=True,
+                                 name=f"partydbm-serve fd {sock.fileno()} {self.db_path}")
+            self._conns.add(sock)
+            self._threads.add(t)
+            try:
                 t.start()  # under the lock: stop() must never see an unstarted thread
+            except RuntimeError:  # "can't start new thread"
+                self._conns.discard(sock)
+                self._threads.discard(t)
+                return False
+            return True
 
     # -- one follower --------------------------------------------------------------------
     def _serve(self, sock: _sockets.Socket) -> None:
@@ -186,6 +208,8 @@ class Server:
         except Exception as exc:  # a bug of ours: tell the follower, keep the leader up
             _send_quietly(sock, P.pack([None, False, _wire(exc)]))
         finally:
+            if peer.attached:
+                self.store.publisher.detach()
             with conn.lock:
                 conn.end = True
                 passing.unwatch(conn)  # before the hang-up frees the fd number
@@ -300,7 +324,11 @@ class Server:
         if type(client) is not bytes or not 0 < len(client) <= P.MAX_CLIENT_ID:
             return refuse("hello without a valid client id")
         peer.load(self.store, client)
-        return pack([rid, True, {"v": P.VERSION, "pid": os.getpid()}]), False
+        epoch = None
+        if info.get("ring") is True and not peer.attached:
+            epoch = self.store.publisher.attach()
+            peer.attached = epoch is not None
+        return pack([rid, True, {"v": P.VERSION, "pid": os.getpid(), "ring": epoch}]), False
 
 
 def _serving_niceness() -> int | None:

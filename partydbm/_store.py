@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from . import _seams
+from . import _publish, _seams
 from ._backend import USER, Backend, Range, StorageError, storage_error
 from ._errors import CLOSED_MESSAGE, ClosedError
+from ._publish import Publisher
 
 STRIPES = 64
 
@@ -66,8 +67,9 @@ def _gated(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate
 
 
 class Store:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, publisher: Publisher) -> None:
         self.backend = backend
+        self.publisher = publisher
         self._raw_get = backend.raw_get
         self._raw_put = backend.raw_put
         self._locks = [threading.Lock() for _ in range(STRIPES)]
@@ -99,10 +101,10 @@ class Store:
             if self.closed:
                 raise ClosedError(CLOSED_MESSAGE)
             with self._locks[hash(key) % STRIPES]:
-                if mark is None:
+                if mark is None and self.publisher.ring is None:
                     self._raw_put(USER + key, value, sync=sync)
                 else:
-                    self.backend.write([(key, value)], sync, mark(None))
+                    self._write([(key, value)], sync, mark)
         except StorageError as exc:
             raise storage_error(exc) from exc
         finally:
@@ -120,6 +122,26 @@ class Store:
                  ) -> list[bytes | None]:
         return self.backend.get_many(keys, max_bytes)
 
+    # -- a follower's miss: the value and the ring position it is valid at --------------
+    @_gated
+    def get_at(self, key: bytes, max_len: int) -> list[Any]:
+        """[value (None: absent; True: longer than `max_len`), ring position]: the
+        position read under the key's lock before LevelDB, so no change of the key
+        falls between the two (see _cache.py)."""
+        with self._locks[hash(key) % STRIPES]:
+            pos = self.publisher.position()
+            value = self._raw_get(USER + key)
+        return [True if value is not None and len(value) > max_len else value, pos]
+
+    @_gated
+    def get_many_at(self, keys: list[bytes], max_len: int, max_bytes: int | None = None
+                    ) -> list[Any]:
+        """get_at for many keys: one snapshot, one position (all their stripes held)."""
+        with self._stripes([(key, None) for key in keys]):
+            pos = self.publisher.position()
+            values = self.backend.get_many(keys, max_bytes)
+        return [[True if v is not None and len(v) > max_len else v for v in values], pos]
+
     @_gated
     def scan(self, rng: Range, reverse: bool, keys_only: bool, limit: int, max_bytes: int
              ) -> tuple[list[bytes], bool]:
@@ -132,11 +154,26 @@ class Store:
     # -- writes: each holds the stripes of the keys it writes --------------------------
     def _write(self, ops: Ops, sync: bool, mark: Mark, outcome: Any = None) -> None:
         """Apply `ops` (with a follower's mark, which is written even when `ops` is
-        empty: the request's outcome must be found again if it is resent)."""
-        if mark is not None:
-            self.backend.write(ops, sync, mark(outcome))
-        elif ops:
-            self.backend.write(ops, sync)
+        empty: the request's outcome must be found again if it is resent), publishing
+        them to followers' caches around the write when a ring is on (_publish.py).
+        Called with the stripes of `ops` held."""
+        ring = self.publisher.ring
+        if ring is None or not ops:
+            if mark is not None:
+                self.backend.write(ops, sync, mark(outcome))
+            elif ops:
+                self.backend.write(ops, sync)
+            return
+        published = _publish.before(ring, ops)
+        try:
+            self.backend.write(ops, sync, () if mark is None else mark(outcome))
+        except BaseException:
+            _publish.failed(ring, published)
+            raise
+        if _seams.crash_at is not None or _seams.pauses:
+            _seams.passage("after_write")  # written, not yet published
+            _seams.pause("after_write")
+        _publish.after(ring, ops, published)
 
     @_gated
     def delete(self, key: bytes, sync: bool = False, mark: Mark = None) -> bool:
@@ -227,8 +264,8 @@ class Store:
 
     # -- closing -----------------------------------------------------------------------
     def close(self) -> None:
-        """Refuse every call from now on, wait for those inside LevelDB to leave, then
-        close it (which gives up LevelDB's LOCK). Called by a finalizer in the middle
+        """Refuse every call from now on, wait for those inside LevelDB to leave, retire
+        the ring, then close LevelDB (which gives up its LOCK). Called by a finalizer in the middle
         of one of our own calls (a handle's __del__ run by the garbage collector), it
         cannot wait for itself: the last call to leave closes the database instead."""
         self.closed = True
@@ -252,6 +289,7 @@ class Store:
         with self._closing:
             if self.backend is not None:
                 backend, self.backend = self.backend, None  # type: ignore[assignment]
+                self.publisher.close()  # still under the LOCK: the file is ours
                 backend.close()
 
 

@@ -46,10 +46,11 @@ def party() -> Iterator[Party]:
 
 def _busy_leader(party: Party, path: Path, call: str = "db.get(b'busy')"
                  ) -> tuple[Worker, Worker]:
-    """A leader with a thread that keeps making `call`, and a follower."""
+    """A leader with a thread that keeps making `call`, and a follower whose reads all
+    go to the leader (no cache: what is under test is how the leader answers them)."""
     leader, follower = party.repl(), party.repl()
     assert leader.open(path) == "leader"
-    assert follower.open(path) == "follower"
+    assert follower.open(path, cache_size=0) == "follower"
     leader.exec(BUSY.format(call=call))
     return leader, follower
 
@@ -177,7 +178,7 @@ def test_synced_writes_are_never_answered_in_passing(party: Party, tmp_path: Pat
     not pay for it, so it goes to the serving thread (the reads still pass)."""
     path = tmp_path / "db"
     leader, follower = _busy_leader(party, path)
-    follower.exec(f"synced = partydbm.open({str(path)!r}, 'cs')")
+    follower.exec(f"synced = partydbm.open({str(path)!r}, 'cs', cache_size=0)")
     follower.exec("for i in range(100): synced[b's%d' % i] = b'v'\n"
                   "for i in range(0, 100, 2): del synced[b's%d' % i]")
     assert leader.eval(IN_PASSING) == 0
@@ -226,7 +227,7 @@ def test_every_way_into_the_database_answers_in_passing(party: Party, tmp_path: 
     leader, follower = party.repl(), party.repl()
     assert leader.open(path) == "leader"
     leader.exec("db[b'k'] = b'v'")
-    assert follower.open(path) == "follower"
+    assert follower.open(path, cache_size=0) == "follower"
     leader.exec(BUSY.format(call=call))
 
     def reads() -> None:

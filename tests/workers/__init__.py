@@ -10,6 +10,8 @@ loads the test seams first thing (__main__.py). Results go to stdout, one JSON l
     oneshot.py  turnover, plain_leveldb, uid_probe
     fork.py     handles inherited through fork (multiprocessing and os.fork)
     races.py    threads racing over the same keys; close_under_threads
+    stale.py    stale_check: the follower cache's staleness checker
+    crowd.py    crowds of forked processes opening and failing over (crowd_util.py)
     torture.py  seeded random operations checked against a model, logged for the parent
 """
 

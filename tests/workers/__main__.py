@@ -19,7 +19,8 @@ WORKERS = {
     "uid_probe": "oneshot",
     "fork_from_leader": "fork", "fork_outlive_close": "fork", "fork_outlive_exit": "fork",
     "fork_from_follower": "fork", "fork_leader_returns": "fork",
-    "torture": "torture", "close_under_threads": "races",
+    "torture": "torture", "close_under_threads": "races", "stale_check": "stale",
+    "crowd": "crowd",
 }
 
 name = sys.argv[1]
