@@ -29,8 +29,8 @@ format-check: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# pytest-xdist, one worker more than CPUs (tests/conftest.py); the tests marked
-# multiprocess share one worker.
+# pytest-xdist, one worker more than CPUs (tests/conftest.py); the tests marked heavy
+# share one worker.
 PYTEST_ARGS ?= -n auto --dist loadgroup --durations=10
 # The suite starts a few hundred Python processes: let them keep compiled bytecode (in
 # the venv, not the tree) even where the environment says PYTHONDONTWRITEBYTECODE.

@@ -36,13 +36,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (make test) every test marked `multiprocess`
-    runs on one worker, one at a time: they start many processes and some watch
-    timings, so they must not compete with each other for the CPUs. The rest (one
-    process, or one Holder beside it) spreads over the other workers."""
+    """Under `pytest -n N --dist loadgroup` (make test) every test marked `heavy` runs
+    on one worker, one at a time: they start many processes at once, or kill leaders
+    inside timing windows, so they must not compete with each other for the CPUs. The
+    rest (one process, or a few processes that take turns) spreads over the others."""
     for item in items:
-        if item.get_closest_marker("multiprocess") is not None:
-            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
 
 
 @pytest.fixture(scope="module")

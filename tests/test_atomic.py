@@ -28,7 +28,7 @@ from partydbm._dispatch import RECENT_OUTCOMES, Dispatcher, Peer
 from .procs import Party, Worker, all_replies
 from .wire import decode
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 RACERS = 4
 THREADS = 2

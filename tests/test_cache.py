@@ -29,7 +29,7 @@ from .procs import DEADLINE, Party, Worker, WorkerError, wait_for
 from .wire import decode
 from .workers.stale import Board
 
-pytestmark = [pytest.mark.multiprocess,
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy,
               pytest.mark.skipif(not R.ORDERED_MEMORY, reason="no ring on this machine")]
 
 NKEYS = 24

@@ -22,7 +22,7 @@ from .conftest import Opener
 from .hostile import Raw, is_error
 from .procs import Party, all_replies
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 MB = 1 << 20
 

@@ -25,7 +25,7 @@ import partydbm
 from .cli_run import DEADLINE, PY, cli_process, contents, fails, fill, info_json
 from .procs import Holder
 
-pytestmark = pytest.mark.multiprocess  # the demo kills leaders; serve takes signals
+pytestmark = pytest.mark.multiprocess
 
 
 def test_console_script_is_installed_and_runs() -> None:
@@ -168,6 +168,7 @@ def test_serve_follows_and_takes_over_when_the_leader_dies(tmp_path: Path) -> No
 
 
 # -- demo ------------------------------------------------------------------------------------------
+@pytest.mark.heavy  # five processes, the leader SIGKILLed three times in 4 s
 def test_demo_short_passes_and_leaves_nothing_behind() -> None:
     r = cli_process("demo", "--short", timeout=120)
     out = r.stdout.decode()
@@ -182,6 +183,7 @@ def test_demo_short_passes_and_leaves_nothing_behind() -> None:
             os.kill(pid, 0)
 
 
+@pytest.mark.heavy
 def test_demo_stops_every_process_it_started_on_SIGTERM() -> None:
     proc = subprocess.Popen([*PY, "demo", "--short"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

@@ -30,7 +30,7 @@ from partydbm import _sockets
 from .procs import Holder, Party, wait_for
 from .wire import decode
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 SMALL = 64
 FULL = 300

@@ -21,7 +21,8 @@ import partydbm
 
 from .procs import Holder, Party, RemoteError
 
-pytestmark = pytest.mark.multiprocess  # seams that kill, SIGSTOP, resend delays
+# Seams that kill, SIGSTOP, resend delays: timings that a loaded CPU would stretch.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 DEADLINE = 20.0
 

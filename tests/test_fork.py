@@ -16,7 +16,7 @@ import pytest
 from .procs import Party, Worker, clean_exit_stderr, dump
 from .wire import decode
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 
 

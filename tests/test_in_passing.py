@@ -21,7 +21,7 @@ from partydbm._passing import Conn, Passing
 
 from .procs import DEADLINE, Party, Worker
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 BUSY = """
 import threading, time

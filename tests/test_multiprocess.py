@@ -31,7 +31,7 @@ from .procs import (
 )
 from .wire import decode, encode
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 @pytest.fixture
 def party() -> Iterator[Party]:

@@ -21,7 +21,7 @@ import partydbm
 
 from .procs import Party
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 N = 20_000  # keys per batch (about 1.5 MB)
 ROUNDS = 12

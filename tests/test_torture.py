@@ -67,6 +67,7 @@ def _apply(model: dict[bytes, bytes], intent: list[str]) -> None:
 
 @pytest.mark.torture
 @pytest.mark.multiprocess
+@pytest.mark.heavy
 def test_torture_random_ops_with_repeated_leader_kills(tmp_path: Path) -> None:
     seed = int(os.environ.get("PARTYDBM_TORTURE_SEED") or random.randrange(1 << 30))
     nops = int(os.environ.get("PARTYDBM_TORTURE_OPS") or 5000)
