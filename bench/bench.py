@@ -174,7 +174,10 @@ def serving(system: str, path: str) -> Iterator[dict[str, Any]]:
     """What must run beside the measured process: a Holder leading for party-follower,
     the dict server for socket-rtt. Yields extra task fields."""
     if system == "party-follower":
-        from partydbm._holder import Holder
+        root = os.path.dirname(HERE)  # the repository root, for the tests' Holder
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        from tests.procs import Holder
 
         with Holder(timeout=60) as holder:
             role = holder.open(path)

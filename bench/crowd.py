@@ -2,13 +2,14 @@
 
     python bench/crowd.py [--sizes 64,150,300] [--failover 300] [--json]
 
-Runs tests/crowd_worker.py (see there) for: N processes opening one database at the
-same instant while a Holder leads, for each size; the largest size racing to create a
-new database; a crowd of followers whose leader is SIGKILLed; and a crowd forked from
-the leader, which is SIGKILLed (they can only lead through a helper). Prints, per storm,
-the processes that succeeded and the errors of those that did not, the open times
-(median and slowest) or, for the failover, the time from the kill until the last
-follower finished its writes and the longest single write a follower saw.
+Runs the tests' crowd worker (tests/workers/crowd.py, see there) for: N processes
+opening one database at the same instant while a Holder leads, for each size; the
+largest size racing to create a new database; a crowd of followers whose leader is
+SIGKILLed; and a crowd forked from the leader, which is SIGKILLed (they can only lead
+through a helper). Prints, per storm, the processes that succeeded and the errors of
+those that did not, the open times (median and slowest) or, for the failover, the time
+from the kill until the last follower finished its writes and the longest single write
+a follower saw.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-WORKER = Path(__file__).resolve().parent.parent / "tests" / "crowd_worker.py"
+ROOT = Path(__file__).resolve().parent.parent  # the crowd worker runs there: -m tests.workers
 DEADLINE = 300.0
 
 
@@ -31,9 +32,10 @@ def storm(*args: Any) -> dict[str, Any]:
     """One storm in a fresh directory; its report. The worker runs in a session of its
     own, so a storm past its deadline is SIGKILLed with every process it started."""
     with tempfile.TemporaryDirectory(prefix="partydbm-crowd-") as tmp:
-        proc = subprocess.Popen([sys.executable, str(WORKER), args[0], str(Path(tmp) / "db"),
-                                 *map(str, args[1:])], stdout=subprocess.PIPE,
-                                start_new_session=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.workers", "crowd", args[0],
+                                 str(Path(tmp) / "db"), *map(str, args[1:])],
+                                stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True,
+                                text=True)
         try:
             out, _ = proc.communicate(timeout=DEADLINE)
         except subprocess.TimeoutExpired:
@@ -41,7 +43,7 @@ def storm(*args: Any) -> dict[str, Any]:
             proc.wait()
             return {"errors": {f"no report within {DEADLINE}s": 1}}
         if proc.returncode != 0:
-            return {"errors": {f"crowd_worker exited with {proc.returncode}": 1}}
+            return {"errors": {f"the crowd worker exited with {proc.returncode}": 1}}
         report: dict[str, Any] = json.loads(out)
         return report
 
@@ -68,7 +70,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    runs = [(f"open {n} at once, another leads", ("open", n, "--lead")) for n in sizes]
+    runs: list[tuple[str, tuple[str | int, ...]]] = [
+        (f"open {n} at once, another leads", ("open", n, "--lead")) for n in sizes]
     runs.append((f"open {max(sizes)} at once, none leads", ("open", max(sizes))))
     runs.append((f"failover of {args.failover} followers", ("failover", args.failover)))
     runs.append((f"failover of {args.failover} forked from it", ("prefork", args.failover)))

@@ -203,7 +203,7 @@ def _lmdb(path: str) -> Store:
 
     def get(key: bytes) -> bytes | None:
         with begin() as txn:
-            return txn.get(key)  # type: ignore[no-any-return]
+            return txn.get(key)
 
     def put(key: bytes, value: bytes) -> None:
         with begin(write=True) as txn:

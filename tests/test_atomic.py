@@ -20,11 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mp_util import Party, Worker, all_replies, decode
 
 import partydbm
 from partydbm import _protocol as P
 from partydbm._dispatch import RECENT_OUTCOMES, Dispatcher, Peer
+
+from .procs import Party, Worker, all_replies
+from .wire import decode
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 RACERS = 4
 THREADS = 2

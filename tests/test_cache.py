@@ -4,7 +4,7 @@ leaders are SIGKILLed one after the other, with seams at the worst moments of a
 publication, and at the edges (wrap-around, a follower stopped past a whole ring, clear
 from another process, values at the size limits).
 
-The checker (tests/workers.py `stale_check`): writers say on a shared board what they
+The checker (tests/workers/stale.py `stale_check`): writers say on a shared board what they
 issue before each write and what was acknowledged after it; readers check that every
 value they read is at least what was acknowledged, and what any reader observed,
 before the read began, and at most what was issued when it ended.
@@ -12,6 +12,7 @@ before the read began, and at most what was issued when it ended.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -19,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mp_util import DEADLINE, Party, Worker, WorkerError, decode, wait_for
-from workers import Board
 
 from partydbm import _cache
 from partydbm import _ring as R
 from partydbm._election import LockFile
 
-pytestmark = [pytest.mark.multiprocess,
+from .procs import DEADLINE, Party, Worker, WorkerError, wait_for
+from .wire import decode
+from .workers.stale import Board
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy,
               pytest.mark.skipif(not R.ORDERED_MEMORY, reason="no ring on this machine")]
 
 NKEYS = 24
@@ -39,6 +42,10 @@ def _holder(path: Path) -> int | None:
         return lock.holder_pid()
     finally:
         lock.close()
+
+
+def _led_by_another(path: Path, old: int | None) -> bool:
+    return _holder(path) not in (None, old)
 
 
 def _checker(party: Party, tmp_path: Path, *, hosts: int, writers: int, readers: int,
@@ -102,7 +109,7 @@ def test_no_read_is_stale_while_leaders_are_killed(tmp_path: Path, kills: int) -
             pid = _holder(path)
             assert pid in by_pid, f"the LOCK is held by {pid}, not by a host"
             by_pid.pop(pid).kill()
-            wait_for(lambda p=pid: _holder(path) not in (None, p), what="a new leader")
+            wait_for(functools.partial(_led_by_another, path, pid), what="a new leader")
         time.sleep(0.3)
         reports, violations = _finish(tmp_path, others, list(by_pid.values()))
     print(reports)

@@ -1,11 +1,12 @@
 """A crowd is never refused: many processes opening one database at the same instant, or
 reconnecting at once when their leader is SIGKILLed, all get through.
 
-The storms run in tests/crowd_worker.py (a parent that imported partydbm forks the crowd,
-so pytest never forks); here they run with 64 processes and a leader's listen backlog
-of 2 (the PARTYDBM_LISTEN_BACKLOG seam), so that most connects find it full and must
-wait. The full 300 against the system's own backlog are marked `crowd` (deselected by
-default: `pytest -m crowd`); bench/crowd.py reports their timings.
+The storms run in the crowd worker, tests/workers/crowd.py (a parent that imported
+partydbm forks the crowd, so pytest never forks); here they run with 64 processes and
+a leader's listen backlog of 2 (the PARTYDBM_LISTEN_BACKLOG seam), so that most
+connects find it full and must wait. The full 300 against the system's own backlog
+are marked `crowd` (deselected by default: `pytest -m crowd`); bench/crowd.py reports
+their timings.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mp_util import HERE, Party, decode, wait_for
 
 import partydbm
 from partydbm import _sockets
-from partydbm._holder import Holder
 
-pytestmark = pytest.mark.multiprocess
+from .procs import Holder, Party, wait_for
+from .wire import decode
 
-CROWD = HERE / "crowd_worker.py"
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
+
 SMALL = 64
 FULL = 300
 SMALL_BACKLOG = {"PARTYDBM_LISTEN_BACKLOG": "2"}
@@ -47,7 +48,7 @@ def party() -> Iterator[Party]:
 
 
 def storm(party: Party, *args: Any, env: dict[str, str], deadline: float = 90) -> Any:
-    w = party.script(CROWD, *args, env=env)
+    w = party.spawn("crowd", *args, env=env)
     line = w.readline(deadline)
     assert line is not None, w.stderr()
     assert w.wait() == 0, w.stderr()

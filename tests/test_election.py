@@ -1,7 +1,7 @@
 """Who leads: handover on close, the socket's life cycle, a LOCK nobody serves, long
 paths, stale sockets, one leader at a time, and who may use the socket.
 
-All processes are workers (tests/workers.py via mp_util); crashes are SIGKILL.
+All processes are workers (tests/workers/, driven through tests/procs.py); crashes are SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import (
+
+import partydbm
+
+from .procs import (
     DEADLINE,
     Party,
     RemoteError,
     Witness,
     all_replies,
-    decode,
     leaders_of,
 )
-
-import partydbm
+from .wire import decode
 
 pytestmark = pytest.mark.multiprocess
 

@@ -13,11 +13,16 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import partydbm
-from partydbm._holder import Holder
+
+from .procs import Holder, Party, RemoteError
+
+# Seams that kill, SIGSTOP, resend delays: timings that a loaded CPU would stretch.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 DEADLINE = 20.0
 
@@ -168,7 +173,7 @@ def test_slow_consumer_with_buffered_entries_resumes_without_duplicates(
     {"reverse": True, "start": b"a", "stop": b"ab", "include_stop": True},
 ])
 def test_resume_does_not_skip_keys_that_extend_the_bookmark(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]) -> None:
     """Predecessor bug 2: reverse resume by byte arithmetic skipped a, aa, aaz... Here
     every page holds one key (every step is a resume) and the leader dies mid-scan."""
     from partydbm import _cursor
@@ -252,7 +257,7 @@ def test_a_takeover_that_fails_gives_the_lock_back(tmp_path: Path) -> None:
     """B wins the LOCK when the leader dies but cannot open LevelDB: it must give the
     LOCK back (it used to keep it, serving nothing, and every other process timed out)
     and carry on as a follower of whoever leads next."""
-    from mp_util import Party, RemoteError
+
 
     path = tmp_path / "db"
     with Party() as party:

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import Raw, is_error, served
-from mp_util import DEADLINE
 
 import partydbm
 from partydbm import _protocol as P
+from partydbm._engine import Engine
 from partydbm._passing import Conn
+
+from .hostile import Raw, is_error, served
+from .procs import DEADLINE
 
 MODEL = {b"a": b"1", b"b": b"2", b"big": b"x" * 300_000}
 
@@ -357,6 +359,7 @@ def test_nothing_is_read_in_passing_while_the_connections_thread_has_work(
     """What an application thread handed back (a bad frame, requests, unsent replies, the
     end) is the connection's own thread's: bytes after it, as after a bad frame, must
     not be read and answered in passing before it."""
+    assert isinstance(leader._engine, Engine)
     server = leader._engine.server
     assert server is not None
     mine, theirs = socket.socketpair()

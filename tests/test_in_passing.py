@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mp_util import DEADLINE, Party, Worker
 
 from partydbm import _protocol as P
 from partydbm._dispatch import Peer
 from partydbm._passing import Conn, Passing
 
-pytestmark = pytest.mark.multiprocess
+from .procs import DEADLINE, Party, Worker
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 BUSY = """
 import threading, time
@@ -54,6 +55,20 @@ def _busy_leader(party: Party, path: Path, call: str = "db.get(b'busy')"
     return leader, follower
 
 
+def _passes(leader: Worker, one_round: Callable[[], None], what: str) -> None:
+    """Run one_round (which checks its own results) until the leader answered something
+    of a round in passing. One round nearly always does; on a loaded machine the busy
+    thread can look idle to the watchdog for a whole round, and its followers are then
+    served by their threads (correctly, but not through the path under test)."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        before = leader.eval(IN_PASSING)
+        one_round()
+        if leader.eval(IN_PASSING) > before:
+            return
+        assert time.monotonic() < deadline, f"{what}: nothing was answered in passing"
+
+
 def test_a_busy_leader_answers_a_followers_threads_in_passing(party: Party,
                                                                tmp_path: Path) -> None:
     leader, follower = _busy_leader(party, tmp_path / "db")
@@ -69,17 +84,20 @@ def test_a_busy_leader_answers_a_followers_threads_in_passing(party: Party,
 
 def test_big_requests_go_to_the_serving_thread_in_order(party: Party, tmp_path: Path) -> None:
     leader, follower = _busy_leader(party, tmp_path / "db")
-    got = follower.exec(
-        "big = b'x' * 300_000\n"
-        "db[b'a'] = b'1'\n"
-        "db[b'big'] = big\n"  # more than one read's worth: the serving thread's job
-        "db[b'b'] = b'2'\n"
-        "db.update({b'u%04d' % i: b'%d' % i for i in range(2000)})\n"
-        "del db[b'a']\n"
-        "result = [db[b'big'] == big, db.get(b'a'), db[b'b'], len(db),\n"
-        "          list(db.iterator(prefix=b'u', include_value=False))[-1]]")
-    assert got == [True, None, b"2", 2002, b"u1999"]
-    assert leader.eval(IN_PASSING) > 0
+
+    def one_round() -> None:  # the same writes again leave the same database
+        got = follower.exec(
+            "big = b'x' * 300_000\n"
+            "db[b'a'] = b'1'\n"
+            "db[b'big'] = big\n"  # more than one read's worth: the serving thread's job
+            "db[b'b'] = b'2'\n"
+            "db.update({b'u%04d' % i: b'%d' % i for i in range(2000)})\n"
+            "del db[b'a']\n"
+            "result = [db[b'big'] == big, db.get(b'a'), db[b'b'], len(db),\n"
+            "          list(db.iterator(prefix=b'u', include_value=False))[-1]]")
+        assert got == [True, None, b"2", 2002, b"u1999"]
+
+    _passes(leader, one_round, "small requests among big ones")
     assert leader.eval("db[b'u0042']") == b"42"
 
 
@@ -164,9 +182,12 @@ def test_synced_writes_are_never_answered_in_passing(party: Party, tmp_path: Pat
     follower.exec("for i in range(100): synced[b's%d' % i] = b'v'\n"
                   "for i in range(0, 100, 2): del synced[b's%d' % i]")
     assert leader.eval(IN_PASSING) == 0
-    got = follower.eval("[synced.get(b's%d' % (i % 4)) for i in range(200)]")
-    assert got == [None, b"v"] * 100
-    assert leader.eval(IN_PASSING) > 0
+
+    def reads() -> None:
+        got = follower.eval("[synced.get(b's%d' % i) for i in range(4)]")
+        assert got == [None, b"v"] * 2
+
+    _passes(leader, reads, "the reads of a synced handle")
 
 
 def test_a_process_that_only_serves_never_answers_in_passing(party: Party,
@@ -209,8 +230,11 @@ def test_every_way_into_the_database_answers_in_passing(party: Party, tmp_path: 
     leader.exec("db[b'k'] = b'v'")
     assert follower.open(path, cache_size=0) == "follower"
     leader.exec(BUSY.format(call=call))
-    assert follower.exec("result = [db[b'k'] for _ in range(300)]") == [b"v"] * 300
-    assert leader.eval(IN_PASSING) > 0
+
+    def reads() -> None:
+        assert follower.exec("result = [db[b'k'] for _ in range(300)]") == [b"v"] * 300
+
+    _passes(leader, reads, call)
 
 
 def test_a_connection_ended_in_passing_leaves_the_epoll_set_before_its_fd_comes_back() -> None:

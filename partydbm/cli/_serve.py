@@ -16,8 +16,8 @@ import time
 from types import FrameType
 from typing import Any
 
-from ._election import shown_address
-from ._open import open_to_serve
+from .._election import shown_address
+from .._open import open_to_serve
 
 POLL = 0.2
 

@@ -1,8 +1,8 @@
 """Crowd storms: N processes forked from one parent that imported partydbm.
 
-    python tests/crowd_worker.py open PATH N [--lead] [--leader-nofile F] [--timeout T]
-    python tests/crowd_worker.py failover PATH N [--timeout T] [--writes M]
-    python tests/crowd_worker.py prefork PATH N [--timeout T] [--writes M]
+    python -m tests.workers crowd open PATH N [--lead] [--leader-nofile F] [--timeout T]
+    python -m tests.workers crowd failover PATH N [--timeout T] [--writes M]
+    python -m tests.workers crowd prefork PATH N [--timeout T] [--writes M]
 
 prints one JSON line, the report (see `_report`). tests/test_crowd.py checks it;
 bench/crowd.py prints its timings.
@@ -39,14 +39,14 @@ import json
 import os
 import resource
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import partydbm
+from tests.procs import Holder
 
-from crowd_util import (
+from .crowd_util import (
     Child,
     Crowd,
     Gate,
@@ -57,10 +57,6 @@ from crowd_util import (
     stats,
     summary,
 )
-
-import partydbm
-from partydbm import _seams
-from partydbm._holder import Holder
 
 OPEN_CONCURRENCY = 8  # failover: children opening at once (below any backlog)
 
@@ -278,9 +274,9 @@ def run_prefork(path: Path, n: int, writes: int, timeout: float) -> dict[str, An
     return out
 
 
-def main() -> int:
-    _seams.load(os.environ)  # a test's env={"PARTYDBM_...": ...}, for the forked crowd too
-    ap = argparse.ArgumentParser()
+def crowd(*argv: str) -> int:
+    """The worker (its seams, loaded by __main__.py first, reach the forked crowd too)."""
+    ap = argparse.ArgumentParser(prog="crowd")
     ap.add_argument("storm", choices=["open", "failover", "prefork"])
     ap.add_argument("path", type=Path)
     ap.add_argument("n", type=int)
@@ -289,7 +285,7 @@ def main() -> int:
                     "limit on open files")
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--writes", type=int, default=5)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.storm == "open":
         out = run_open(args.path, args.n, args.lead, args.timeout, args.leader_nofile)
     elif args.storm == "failover":
@@ -298,7 +294,3 @@ def main() -> int:
         out = run_prefork(args.path, args.n, args.writes, args.timeout)
     print(json.dumps(out), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

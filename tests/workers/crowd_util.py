@@ -1,4 +1,4 @@
-"""The machinery of tests/crowd_worker.py: children forked at once, gates, reports,
+"""The machinery of the crowd worker (crowd.py): children forked at once, gates, reports,
 deadlines, reaping, and the model their writes are checked against."""
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def helpers_alive(path: Path) -> int:
 def reap_all(pgid: int, deadline: float) -> dict[int, int]:
     """Reap every child and orphan until none is left (their exit codes by pid); at the
     deadline SIGKILL the group P made (the crowd and its helpers) first."""
-    codes = {}
+    codes: dict[int, int] = {}
     while True:
         try:
             done, status = os.waitpid(-1, os.WNOHANG)
