@@ -61,9 +61,10 @@ RESULTS = os.path.join(HERE, "results")
 PY313 = os.environ.get("PARTYBENCH_PY313", "/root/.pyenv/versions/3.13.0/bin/python3.13")
 
 SYSTEMS = ["plyvel", "party-leader", "party-follower", "dbm.dumb", "dbm.sqlite3",
-           "sqlitedict", "diskcache", "socket-rtt"]
+           "sqlitedict", "diskcache", "lmdb", "lmdbm", "socket-rtt"]
 SHORT = {"party-leader": "party-L", "party-follower": "party-F", "dbm.sqlite3": "sqlite3",
          "socket-rtt": "sock-rtt", "sqlitedict": "sqlitedict", "dbm.dumb": "dumb"}
+READ99_PROCS = 4  # processes in the read99 workload (--read99-procs)
 MODES = {
     "quick": dict(n=5_000, bulk_n=100_000, lat_n=2_000, mp_duration=1.0, budget=3.0,
                   bulk_budget=4.0, failover_rounds=5, rounds=1),
@@ -173,7 +174,10 @@ def serving(system: str, path: str) -> Iterator[dict[str, Any]]:
     """What must run beside the measured process: a Holder leading for party-follower,
     the dict server for socket-rtt. Yields extra task fields."""
     if system == "party-follower":
-        from partydbm._holder import Holder
+        root = os.path.dirname(HERE)  # the repository root, for the tests' Holder
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        from tests.procs import Holder
 
         with Holder(timeout=60) as holder:
             role = holder.open(path)
@@ -234,9 +238,9 @@ def single(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
 def multi(kind: str) -> Callable[[Ctx, str], dict[str, dict[str, Any]]]:
     # The first process opens before the others start: with party-leader it leads (in
     # w1r3, the writer leads, as a writer daemon started before its readers would).
-    roles = ["mixed"] * 4 if kind == "mixed4" else ["writer", "reader", "reader", "reader"]
-
     def run(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
+        roles = {"mixed4": ["mixed"] * 4, "w1r3": ["writer", "reader", "reader", "reader"],
+                 "read99": ["read99"] * READ99_PROCS}[kind]
         path = ctx.fresh_dir(system)
         with serving(system, path) as extra:
             if system == "party-leader":
@@ -302,6 +306,8 @@ def _drive(procs: list[subprocess.Popen[str]], duration: float, kind: str) -> di
         out["writer_ops_per_s"] = sum(r["ops_per_s"] for r in results if r["role"] == "writer")
         out["readers_ops_per_s"] = sum(r["ops_per_s"] for r in results
                                        if r["role"] == "reader")
+        out["min_reader_ops_per_s"] = min(r["ops_per_s"] for r in results
+                                          if r["role"] == "reader")
     out["min_proc_ops_per_s"] = min(r["ops_per_s"] for r in results)
     leaders = [r["role"] for r in results if r["db_role"] == "leader"]
     notes = []
@@ -344,8 +350,11 @@ def paired(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
         ref_path = ctx.fresh_dir("floor")
         if system == "party-follower":
             extra.update(stack.enter_context(serving("socket-rtt", ref_path)))
+        # A follower's get against the bare round trip: without its cache, which would
+        # answer every get in-process (the cached get is the single workload's party-F).
         r = run_worker(system, {"task": "paired", "path": path, "ref_path": ref_path,
-                                "n": ctx.n, **extra}, timeout=6 * ctx.budget + 120)
+                                "n": ctx.n, "cache_size": 0, **extra},
+                       timeout=6 * ctx.budget + 120)
     return {"paired": r["paired"]}
 
 
@@ -398,8 +407,14 @@ WORKLOADS: dict[str, Workload] = {
         Line("w1r3", "us_per_op", "1 writer + 3 readers (1/agg)", plot=True),
         Line("w1r3", "ops_per_s", "1w+3r aggregate ops/s", "rate"),
         Line("w1r3", "writer_ops_per_s", "1w+3r writer ops/s", "rate"),
-        Line("w1r3", "readers_ops_per_s", "1w+3r readers ops/s (sum)", "rate")), NO_MP,
+        Line("w1r3", "readers_ops_per_s", "1w+3r readers ops/s (sum)", "rate"),
+        Line("w1r3", "min_reader_ops_per_s", "1w+3r slowest reader ops/s", "rate")), NO_MP,
         repeat=True),
+    "read99": Workload(multi("read99"), ("read99",), (
+        Line("read99", "us_per_op", "4 procs 99/1 get/put (1/agg)", plot=True),
+        Line("read99", "ops_per_s", "4 procs 99/1 aggregate ops/s", "rate"),
+        Line("read99", "min_proc_ops_per_s", "4 procs 99/1 slowest proc ops/s", "rate")),
+        NO_MP, repeat=True),
     "bulk": Workload(bulk, ("bulk", "iter_bulk"), (
         Line("bulk", "us_per_op", "bulk load /key", plot=True),
         Line("iter_bulk", "us_per_op", "iterate bulk keys /key", plot=True),
@@ -441,6 +456,12 @@ RATIOS = [
      "ops_per_s", ">=", 1.0),
     ("4-proc mixed ops/s: partydbm / dbm.sqlite3", "mixed4", "party-leader", "dbm.sqlite3",
      "ops_per_s", ">=", 5.0),
+    ("1w+3r readers ops/s: partydbm / dbm.sqlite3", "w1r3", "party-leader", "dbm.sqlite3",
+     "readers_ops_per_s", ">=", 1.0),
+    ("4-proc 99/1 slowest proc: partydbm / dbm.sqlite3", "read99", "party-leader",
+     "dbm.sqlite3", "min_proc_ops_per_s", ">=", 2.0),
+    ("4-proc 99/1 slowest proc: partydbm / LMDB", "read99", "party-leader", "lmdb",
+     "min_proc_ops_per_s", ">=", 0.5),
     ("leader put rate / diskcache put rate", "put", "party-leader", "diskcache", "ops_per_s",
      ">=", 5.0),
     ("failover stall median ms (bench/failover.py)", "failover", "party-follower", None,
@@ -661,12 +682,17 @@ def plot(results: dict[str, Any], systems: list[str], meta: dict[str, Any], out:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global READ99_PROCS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, whole run ~1 min")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--out", default=RESULTS, help="directory for latest.json, bench.png")
+    ap.add_argument("--read99-procs", type=int, default=4,
+                    help="processes in the read99 workload (the scaling table)")
+    ap.add_argument("--n", type=int, default=None, help="keys (default: the mode's)")
     args = ap.parse_args(argv)
+    READ99_PROCS = args.read99_procs
     systems = [s for s in args.systems.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     for name, known in ((systems, SYSTEMS), (workloads, list(WORKLOADS))):
@@ -674,16 +700,18 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             ap.error(f"unknown {sorted(bad)}; choose from {known}")
     mode = "quick" if args.quick else "full"
+    cfg = {**MODES[mode], **({"n": args.n} if args.n else {})}
     meta = {"mode": mode, "machine": platform.node(), "cpus": os.cpu_count(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "python": sys.version.split()[0], "python313": PY313, **MODES[mode]}
+            "python": sys.version.split()[0], "python313": PY313, **cfg,
+            "read99_procs": READ99_PROCS}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = tempfile.mkdtemp(prefix="partybench-")
     t0 = time.monotonic()
     print(f"partydbm bench, {mode}: {meta['machine']}, {meta['cpus']} CPUs, {meta['date']}",
           file=sys.stderr)
     try:
-        results = run_all(Ctx(mode, tmp, MODES[mode]), systems, workloads)
+        results = run_all(Ctx(mode, tmp, cfg), systems, workloads)
     finally:
         for proc in list(_procs):
             reap(proc)

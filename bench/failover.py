@@ -22,10 +22,12 @@ import threading
 import time
 from pathlib import Path
 
+# The repository root: the source tree's partydbm, and tests.procs (the test suite's
+# process driver, whose Holder leads and follows here as it does in the tests).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import partydbm
-from partydbm._holder import Holder
+from tests.procs import Holder
 
 
 def one_round(root: Path, i: int) -> tuple[float, bool]:

@@ -190,7 +190,7 @@ def one_round(model: str, followers: int, seconds: float, poll_us: float) -> lis
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
         if not ready:
-            raise TimeoutError(f"no answer from {proc.args} in {timeout} s")
+            raise TimeoutError(f"no answer from {proc.args!r} in {timeout} s")
         return proc.stdout.readline().strip()
 
     try:
@@ -204,7 +204,7 @@ def one_round(model: str, followers: int, seconds: float, poll_us: float) -> lis
         rest = [spawn("follower", address, str(i), str(seconds)) for i in range(followers)]
         for proc in [*rest, lead]:
             if line(proc, 60) != "ready":
-                raise RuntimeError(f"{proc.args} did not start")
+                raise RuntimeError(f"{proc.args!r} did not start")
         for proc in [lead, *rest]:
             assert proc.stdin is not None
             proc.stdin.write("go\n")

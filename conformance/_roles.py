@@ -1,7 +1,7 @@
 """The role of the handle under test: the leader, or a follower of another process.
 
 Every conformance class exists once per role. In the "follower" role a Holder process
-(`partydbm._holder`) opens each database before the test does, so the test's own
+(`tests.procs.Holder`) opens each database before the test does, so the test's own
 handle reaches LevelDB only through the leader's socket:
 
 - before the test's open, the holder opens the path (creating it when the test's flag
@@ -23,7 +23,7 @@ from typing import Any
 from unittest import mock
 
 import partydbm
-from partydbm._holder import Holder
+from tests.procs import Holder
 
 ROLES = ("leader", "follower")
 HOLDER_TIMEOUT = 30.0  # seconds for any one answer from the holder process

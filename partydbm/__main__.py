@@ -1,8 +1,8 @@
-"""`python -m partydbm`: the command line (see partydbm/_cli.py, or `--help`)."""
+"""`python -m partydbm`: the command line (see partydbm/cli/, or `--help`)."""
 
 from __future__ import annotations
 
-from ._cli import main
+from .cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -11,23 +11,26 @@ partydbm's own records under b"m". Users never see b"m" keys: every user-facing 
 is bounded to [b"k", b"l").
 
 Records under b"m":
-  b"ma" + client_id -> msgpack [rid, unix_time, recent]: the highest write rid of that
-      follower client the database has applied, and the outcomes of its last few deletes
-      ({rid: existed}, so a replayed delete answers as the original did). Written in the
-      same WriteBatch as the write itself: it survives a crash exactly when the write does.
+  b"ma" + client_id -> msgpack [rid, unix_time, kept]: the highest write rid of that
+      follower client the database has applied, and the rids of its last few
+      read-modify-writes whose outcomes are kept (below). Written in the same WriteBatch
+      as the write itself: it survives a crash exactly when the write does.
+  b"mo" + client_id + rid (8 bytes, big-endian) -> msgpack outcome of that
+      read-modify-write (whether a delete found its key, the value a pop took...), so
+      a request resent after failover answers as the original did. The fixed-size rid
+      at the end keeps the keys of clients of different lengths apart.
   b"ms"             -> scratch key written with sync=True by sync().
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import importlib
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 from ._errors import error
 from ._protocol import pack, too_big, unpack
@@ -54,6 +57,7 @@ plyvel = _binding()
 USER = b"k"
 USER_END = b"l"
 APPLIED = b"ma"
+OUTCOME = b"mo"
 SYNC_KEY = b"ms"
 APPLIED_TTL = 24 * 3600.0  # records older than this are pruned when a leader starts
 
@@ -70,7 +74,7 @@ Range = tuple[bytes | None, bool, bytes | None, bool]  # (lo, lo_incl, hi, hi_in
 
 
 # What plyvel raises for a failed LevelDB operation (disk full, I/O error, corruption):
-# callers that use plyvel's methods directly catch it and raise storage_error(exc).
+# the Store catches it and raises storage_error(exc).
 StorageError = plyvel.Error
 
 # Files of LevelDB's own that prove a database was stored here.
@@ -178,59 +182,18 @@ def storage_error(exc: BaseException, doing: str = "LevelDB failed") -> error:
     return error(code, f"{doing}: {text}{hint}")
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _storage(method: Callable[_P, _R]) -> Callable[_P, _R]:
-    """plyvel's errors out of `method` leave as partydbm.error (storage_error)."""
-    @functools.wraps(method)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return method(*args, **kwargs)
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
-    return wrapper
-
-
 class Backend:
-    """One open LevelDB. Thread-safe as LevelDB is; close() only when no one uses it."""
+    """One open LevelDB: the key layout and what each operation reads and writes.
+    Thread-safe as LevelDB is. Used only through a Store (_store.py), which serializes
+    the writes to a key, never closes LevelDB under a call, and turns plyvel's errors
+    (StorageError) into partydbm.error."""
 
     def __init__(self, db: Any) -> None:
         self._db = db
-        # Bound methods looked up once: these are the leader's hot path (the facade calls
-        # raw_get/raw_put with USER + key itself, saving a Python call per operation).
+        # Bound methods looked up once: the Store's hot path calls them with USER + key.
         self._get = self.raw_get = db.get
-        self._put = self.raw_put = db.put
-        self._delete = db.delete
+        self.raw_put = db.put
 
-    # -- point operations (user keys, unprefixed) -------------------------------------
-    # Every method turns plyvel's errors into partydbm.error (storage_error): these
-    # three inline (the leader's hot path: no wrapper call), the rest by @_storage; the
-    # facade's inline raw_get/raw_put callers do the same.
-    def get(self, key: bytes) -> bytes | None:
-        try:
-            return self._get(USER + key)  # type: ignore[no-any-return]
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
-
-    def put(self, key: bytes, value: bytes, sync: bool = False) -> None:
-        try:
-            self._put(USER + key, value, sync=sync)
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
-
-    def delete(self, key: bytes, sync: bool = False) -> bool:
-        k = USER + key
-        try:
-            if self._get(k) is None:
-                return False
-            self._delete(k, sync=sync)
-        except plyvel.Error as exc:
-            raise storage_error(exc) from exc
-        return True
-
-    @_storage
     def get_many(self, keys: Iterable[bytes], max_bytes: int | None = None
                  ) -> list[bytes | None]:
         """Values of many user keys, all read from one snapshot. With `max_bytes`, an
@@ -254,23 +217,43 @@ class Backend:
         return out
 
     # -- writes from followers: applied atomically with their dedup record ------------
-    @_storage
-    def applied(self, client: bytes) -> tuple[int, dict[int, Any]]:
+    def applied(self, client: bytes) -> tuple[int, list[int], dict[int, Any]]:
+        """(highest rid applied, rids whose outcomes are kept under their own keys,
+        outcomes kept inline by records of an earlier format)."""
         raw = self._get(APPLIED + client)
         if raw is None:
-            return 0, {}
+            return 0, [], {}
         rid, _when, recent = unpack(raw)
-        return int(rid), {r: outcome for r, outcome in recent}
+        kept = [r for r in recent if type(r) is int]
+        inline = {r[0]: r[1] for r in recent if type(r) is list and len(r) == 2}
+        return int(rid), kept, inline
 
-    @_storage
+    def outcome(self, client: bytes, rid: int) -> tuple[bool, Any]:
+        """(found, the outcome kept for that request)."""
+        raw = self._get(_outcome_key(client, rid))
+        return (False, None) if raw is None else (True, unpack(raw))
+
+    @staticmethod
+    def mark_ops(client: bytes, rid: int, kept: list[int], dropped: Iterable[int],
+                 outcome: Any = None, keep: bool = False) -> list[tuple[bytes, bytes | None]]:
+        """Raw records marking a follower's request `rid` applied: the client's record
+        (with `kept`, the rids whose outcomes are kept), the outcome itself if `keep`,
+        and deletes of the outcomes no longer kept."""
+        ops: list[tuple[bytes, bytes | None]] = [
+            (APPLIED + client, pack([rid, time.time(), kept]))]
+        if keep:
+            ops.append((_outcome_key(client, rid), pack(outcome)))
+        ops.extend((_outcome_key(client, r), None) for r in dropped)
+        return ops
+
     def write(
         self,
         ops: Iterable[tuple[bytes, bytes | None]],
         sync: bool = False,
-        record: tuple[bytes, int, dict[int, Any]] | None = None,
+        meta: Iterable[tuple[bytes, bytes | None]] = (),
     ) -> None:
-        """Apply puts (value bytes) and deletes (value None) atomically, with `record`
-        (client, rid, recent outcomes) marking them applied."""
+        """Apply puts (value bytes) and deletes (value None) of user keys atomically,
+        with `meta`: raw records of partydbm's own (mark_ops), in the same batch."""
         # Filled first, written last: if filling raises (a KeyboardInterrupt included),
         # nothing is written (cheaper than plyvel's transaction mode). LevelDB writes the
         # batch as one log record, so a process killed during write() leaves all of it
@@ -281,12 +264,13 @@ class Backend:
                 wb.delete(USER + key)
             else:
                 wb.put(USER + key, value)
-        if record is not None:
-            client, rid, recent = record
-            wb.put(APPLIED + client, pack([rid, time.time(), list(recent.items())]))
+        for key, value in meta:
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
         wb.write()
 
-    @_storage
     def clear_ops(self) -> list[tuple[bytes, bytes | None]]:
         """Deletes for every user key (one atomic batch: a replayed half-clear could
         delete keys others wrote in between)."""
@@ -294,14 +278,16 @@ class Backend:
         return [(k[n:], None) for k in self._db.iterator(start=USER, stop=USER_END,
                                                          include_value=False)]
 
-    @_storage
     def prune_applied(self, now: float | None = None) -> int:
-        """Drop dedup records no retry can still need."""
+        """Drop dedup records (and their outcomes) no retry can still need."""
         cutoff = (time.time() if now is None else now) - APPLIED_TTL
+        n = len(APPLIED)
         stale = []
         for key, raw in self._db.iterator(prefix=APPLIED):
-            if unpack(raw)[1] < cutoff:
+            _rid, when, recent = unpack(raw)
+            if when < cutoff:
                 stale.append(key)
+                stale.extend(_outcome_key(key[n:], r) for r in recent if type(r) is int)
         if stale:
             with self._db.write_batch() as wb:
                 for key in stale:
@@ -309,22 +295,18 @@ class Backend:
         return len(stale)
 
     # -- whole-database operations ----------------------------------------------------
-    @_storage
     def count(self) -> int:
         n = 0
         for _ in self._db.iterator(start=USER, stop=USER_END, include_value=False):
             n += 1
         return n
 
-    @_storage
     def sync(self) -> None:
-        self._put(SYNC_KEY, b"", sync=True)
+        self.raw_put(SYNC_KEY, b"", sync=True)
 
-    @_storage
     def compact(self) -> None:
         self._db.compact_range()
 
-    @_storage
     def stats(self) -> str | None:
         """LevelDB's own statistics (compactions, files per level), as text."""
         raw = self._db.get_property(b"leveldb.stats")
@@ -334,7 +316,6 @@ class Backend:
         self._db.close()
 
     # -- range scans -------------------------------------------------------------------
-    @_storage
     def scan(
         self, rng: Range, reverse: bool, keys_only: bool, limit: int, max_bytes: int
     ) -> tuple[list[bytes], bool]:
@@ -376,6 +357,10 @@ class Backend:
                 it.prev()
         finally:
             it.close()
+
+
+def _outcome_key(client: bytes, rid: int) -> bytes:
+    return OUTCOME + client + rid.to_bytes(8, "big")
 
 
 def _page(items: Iterable[Any], keys_only: bool, limit: int, max_bytes: int

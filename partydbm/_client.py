@@ -96,20 +96,25 @@ class Connection:
         self.decoder = P.Decoder()
         self.dead: BaseException | None = None
         self.leader_pid = 0
+        self.ring_epoch: int | None = None  # the leader's change ring, if it offered one
         self._pack = P.packer()  # used under send_lock only
 
     @classmethod
     def open(cls, address: str, client: bytes, rids: Iterator[int],
-             timeout: float | None, db_path: str | None = None) -> Connection:
-        """Connect and say hello. Raises OSError (no leader there; _sockets.Refused: a
-        process that could not use `db_path` itself serves the address) or error."""
+             timeout: float | None, db_path: str | None = None, ring: bool = False
+             ) -> Connection:
+        """Connect and say hello, both within `timeout`. Raises OSError (no leader there;
+        _sockets.Refused: a process that could not use `db_path` itself serves the
+        address; _sockets.Busy: its backlog stayed full throughout) or error. `ring`:
+        ask for the leader's change ring (its epoch lands in `ring_epoch`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         relink(address)
-        sock = _sockets.connect(address, timeout)
+        sock = _sockets.connect(address, deadline)
         if db_path is not None:
             _check_leader(sock, address, db_path)
         conn = cls(sock, rids)
-        hello = Slot(P.HELLO, ({"v": P.VERSION, "client": client, "pid": os.getpid()},), True)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        hello = Slot(P.HELLO, ({"v": P.VERSION, "client": client, "pid": os.getpid(),
+                                "ring": ring},), True)
         with conn.send_lock:
             hello.rid = 0
             hello.conn = conn
@@ -124,7 +129,10 @@ class Connection:
             _sockets.hang_up(sock)
             raise ConnectionResetError("the leader hung up during the hello")
         info = hello.result()
-        conn.leader_pid = int(info.get("pid", 0)) if isinstance(info, dict) else 0
+        if isinstance(info, dict):
+            conn.leader_pid = int(info.get("pid", 0))
+            epoch = info.get("ring")
+            conn.ring_epoch = epoch if type(epoch) is int else None
         return conn
 
     # -- sending -------------------------------------------------------------------------

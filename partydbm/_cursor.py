@@ -10,18 +10,19 @@ fetched a second time. Pages are bounded in items and bytes: memory stays flat.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from . import _protocol as P
 from ._backend import Range
 from ._errors import CLOSED_MESSAGE, ClosedError, LeaderLostError
-
-if TYPE_CHECKING:
-    from ._mapping import PartyDBM
+from ._routes import CLOSED, Policy
 
 FIRST_PAGE = 16  # items: a scan that stops early (firstkey, popitem) costs little
 PAGE = 2048
 PAGE_BYTES = 256 * 1024
+
+__all__ = ["Range", "make_range", "scan"]
 
 
 def make_range(start: Any, stop: Any, prefix: Any, include_start: bool,
@@ -41,18 +42,18 @@ def _successor(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
-def scan(db: PartyDBM, rng: Range, reverse: bool, shape: str) -> Iterator[Any]:
-    """Yield keys ("keys"), values ("values") or (key, value) pairs ("items")."""
+def scan(route_of: Callable[[], Any], h: Policy, rng: Range, reverse: bool, shape: str
+         ) -> Iterator[Any]:
+    """Yield keys ("keys"), values ("values") or (key, value) pairs ("items").
+    `route_of()`: the handle's route now (CLOSED once it is closed); `h`: its policy.
+    With retry=False, a change of route (failover) ends the scan with LeaderLostError."""
     keys_only = shape == "keys"
     lo, lo_incl, hi, hi_incl = rng
     limit = FIRST_PAGE
     while True:
-        engine = db._engine
-        if engine is None:
-            raise ClosedError(CLOSED_MESSAGE)
-        generation = engine.generation
-        page, more = engine.scan((lo, lo_incl, hi, hi_incl), reverse, keys_only, limit,
-                                 PAGE_BYTES, db)
+        route = route_of()
+        page, more = route.run(P.SCAN, (lo, lo_incl, hi, hi_incl, reverse, keys_only, limit,
+                                        PAGE_BYTES), h)
         limit = PAGE
         if keys_only:
             entries: Any = page
@@ -61,14 +62,14 @@ def scan(db: PartyDBM, rng: Range, reverse: bool, shape: str) -> Iterator[Any]:
             it = iter(page)
             entries = page[1::2] if shape == "values" else zip(it, it, strict=True)
             last = page[-2] if page else None
-        if db._retry:
+        if h._retry:
             for entry in entries:
-                if db._engine is None:
+                if route_of() is CLOSED:
                     raise ClosedError(CLOSED_MESSAGE)
                 yield entry
         else:
             for entry in entries:
-                _check(db, generation)
+                _check(route_of(), route)
                 yield entry
         if not more or last is None:
             return
@@ -78,10 +79,9 @@ def scan(db: PartyDBM, rng: Range, reverse: bool, shape: str) -> Iterator[Any]:
             lo, lo_incl = last, False
 
 
-def _check(db: PartyDBM, generation: int) -> None:
-    engine = db._engine
-    if engine is None:
+def _check(now: Any, route: Any) -> None:
+    if now is CLOSED:
         raise ClosedError(CLOSED_MESSAGE)
-    if not db._retry and (engine.generation != generation or not engine.route_alive()):
+    if now is not route or not route.alive():
         raise LeaderLostError("the partydbm leader changed during this iteration "
                               "(retry=False)")

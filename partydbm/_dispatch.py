@@ -1,21 +1,25 @@
-"""What a follower's request does: the table of operations, the checks on arguments that
-come from another process, and the rule that a follower's write is applied at most
-once (also across failover). Used by the leader's server for every request and by a
-follower that becomes leader to replay its own unanswered requests."""
+"""What a request does: the one table of operations, the checks on arguments that come
+from another process, and the rule that a follower's write is applied at most once
+(also across failover).
+
+Used by the leader's server for every follower request, by a follower that becomes
+leader to replay its own unanswered requests (`Dispatcher.call`), and by a request
+that finds its own process leading by the time it runs (`run_local`)."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _protocol as P
+from . import _seams
 from ._backend import Backend
-from ._errors import ProtocolError
+from ._errors import ProtocolError, error
+from ._store import Mark, Store
 
-RECENT_OUTCOMES = 64  # delete outcomes kept per follower for replayed deletes
+RECENT_OUTCOMES = 64
+"""Read-modify-writes per follower whose outcomes are kept for a resent request."""
 
 
 @dataclass
@@ -24,21 +28,18 @@ class Peer:
 
     client: bytes | None = None
     applied: int = 0
-    recent: dict[int, Any] = field(default_factory=dict)  # rid -> outcome, last deletes
+    kept: list[int] = field(default_factory=list)  # rids whose outcomes are stored
+    inline: dict[int, Any] = field(default_factory=dict)  # outcomes in an old record
+    attached: bool = False  # uses the leader's change ring (a Publisher counts it)
     pid: int = 0  # 0, uid None: the kernel cannot tell (see _sockets.peer_credentials)
     uid: int | None = None
     gid: int | None = None
     groups: set[int] | None = None
 
-
-def _crash_point() -> tuple[str, int] | None:
-    """Test seam: PARTYDBM_CRASH_AT="point[:n]" SIGKILLs the leader at the n-th (default
-    1st) passage through `point` (before_apply, after_apply, mid_scan)."""
-    spec = os.environ.get("PARTYDBM_CRASH_AT")
-    if not spec:
-        return None
-    point, _, n = spec.partition(":")
-    return point, int(n or 1)
+    def load(self, store: Store, client: bytes) -> None:
+        """Become `client`, with what the database says of its writes."""
+        self.client = client
+        self.applied, self.kept, self.inline = store.applied(client)
 
 
 def brief(obj: Any) -> str:
@@ -51,140 +52,194 @@ def brief(obj: Any) -> str:
     return repr(obj)[:80]
 
 
-class Dispatcher:
-    """Applies one request to the backend: the table op -> operation, and the rule that a
-    follower's write is applied at most once. Used by the server for every request and
-    by a follower that becomes leader to replay its own unanswered requests.
-
-    Arguments come from another process: each is checked before anything is read or
-    written, and a request of the wrong shape raises ProtocolError (nothing else), so
-    it never changes what is stored."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self._crash = _crash_point()
-        self._passages: dict[str, int] = {}
-        self._ops: dict[int, tuple[int, Callable[..., Any]]] = {
-            P.GET: (1, self._get),
-            P.HAS: (1, lambda peer, rid, key: self._get(peer, rid, key) is not None),
-            P.GETMANY: (1, self._get_many),
-            P.LEN: (0, lambda peer, rid: backend.count()),
-            P.SCAN: (8, self._scan),
-            P.COMPACT: (0, lambda peer, rid: backend.compact()),
-            P.SYNC: (0, lambda peer, rid: backend.sync()),
-            P.PUT: (3, self._put),
-            P.DELETE: (2, self._delete),
-            P.CLEAR: (1, self._clear),
-            P.BATCH: (2, self._batch),
-        }
-
-    def call(self, peer: Peer, op: int, rid: int, args: Any) -> Any:
-        entry = self._ops.get(op) if type(op) is int else None
-        if entry is None:
-            raise ProtocolError(f"unknown operation {brief(op)}")
-        arity, fn = entry
-        if not isinstance(args, (list, tuple)) or len(args) != arity:
-            raise ProtocolError(f"{P.OP_NAMES[op]} takes {arity} arguments")
-        return fn(peer, rid, *args)
-
-    # -- operations ----------------------------------------------------------------------
-    def _seam(self, point: str) -> None:
-        if self._crash is None or self._crash[0] != point:
-            return
-        n = self._passages[point] = self._passages.get(point, 0) + 1
-        if n >= self._crash[1]:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def _apply(self, peer: Peer, rid: int, ops: list[tuple[bytes, bytes | None]],
-               sync: bool, result: Any = None) -> Any:
-        assert peer.client is not None
-        self._seam("before_apply")
-        recent = peer.recent
-        if result is not None:
-            recent = {**recent, rid: result}
-            while len(recent) > RECENT_OUTCOMES:
-                del recent[min(recent)]
-        self.backend.write(ops, bool(sync), (peer.client, rid, recent))
-        peer.applied, peer.recent = rid, recent
-        self._seam("after_apply")
-        return result
-
-    def _duplicate(self, peer: Peer, rid: int) -> bool:
-        # A retried write the database already holds (the previous leader applied it
-        # and died before answering): never apply it twice.
-        return rid <= peer.applied
-
-    def _get(self, peer: Peer, rid: int, key: Any) -> bytes | None:
-        _check_key(key)
-        return self.backend.get(key)
-
-    def _get_many(self, peer: Peer, rid: int, keys: Any) -> list[bytes | None]:
-        if type(keys) is not list:
-            raise ProtocolError("getmany wants a list of keys")
-        for key in keys:
-            _check_key(key)
-        return self.backend.get_many(keys, P.MAX_BATCH_BYTES)
-
-    def _put(self, peer: Peer, rid: int, key: Any, value: Any, sync: Any) -> None:
-        _check_key(key)
-        _check_value(value)
-        if not self._duplicate(peer, rid):
-            P.check_put(key, value)
-            self._apply(peer, rid, [(key, value)], sync)
-
-    def _delete(self, peer: Peer, rid: int, key: Any, sync: Any) -> bool:
-        _check_key(key)
-        if self._duplicate(peer, rid):
-            # Answer as the original did. Older than the last RECENT_OUTCOMES deletes
-            # cannot still be in flight in practice; say it existed.
-            return bool(peer.recent.get(rid, True))
-        existed = self.backend.get(key) is not None
-        return bool(self._apply(peer, rid, [(key, None)] if existed else [], sync, existed))
-
-    def _clear(self, peer: Peer, rid: int, sync: Any) -> None:
-        if not self._duplicate(peer, rid):
-            self._apply(peer, rid, self.backend.clear_ops(), sync)
-
-    def _batch(self, peer: Peer, rid: int, flat: Any, sync: Any) -> None:
-        if type(flat) is not list or len(flat) % 2:
-            raise ProtocolError("batch wants a flat list of key, value pairs")
-        ops = list(zip(flat[::2], flat[1::2], strict=True))
-        for key, value in ops:
-            _check_key(key)
-            if value is not None:
-                _check_value(value)
-        if not self._duplicate(peer, rid):
-            P.check_batch(ops)
-            self._apply(peer, rid, ops, sync)
-
-    def _scan(self, peer: Peer, rid: int, lo: Any, lo_incl: Any, hi: Any, hi_incl: Any,
-              reverse: Any, keys_only: Any, limit: Any, max_bytes: Any) -> list[Any]:
-        rng = (_check_bound(lo), bool(lo_incl), _check_bound(hi), bool(hi_incl))
-        # Clamped: a page is built in memory whole, whatever the follower asked for.
-        limit = min(max(_check_int(limit, "a page size"), 1), P.MAX_PAGE_ITEMS)
-        max_bytes = min(max(_check_int(max_bytes, "a page size"), 1), P.MAX_PAGE_BYTES)
-        items, more = self.backend.scan(rng, bool(reverse), bool(keys_only), limit, max_bytes)
-        self._seam("mid_scan")
-        return [items, more]
-
-
-def _check_key(key: Any) -> None:
+# -- argument checks: a request of the wrong shape is a ProtocolError, nothing else ------
+def _key(key: Any) -> bytes:
     if type(key) is not bytes:
         raise ProtocolError(f"keys must be bytes on the wire, not {type(key).__name__}")
+    return key
 
 
-def _check_value(value: Any) -> None:
+def _value(value: Any) -> bytes:
     if type(value) is not bytes:
         raise ProtocolError(f"values must be bytes on the wire, not {type(value).__name__}")
+    return value
 
 
-def _check_int(value: Any, what: str) -> int:
+def _maybe_value(value: Any) -> bytes | None:
+    return None if value is None else _value(value)
+
+
+def _int(value: Any, what: str) -> int:
     if type(value) is not int:
         raise ProtocolError(f"{what} must be an integer, not {type(value).__name__}")
     return value
 
 
-def _check_bound(value: Any) -> bytes | None:
-    if value is not None:
-        _check_key(value)
-    return value  # type: ignore[no-any-return]
+def _bound(value: Any) -> bytes | None:
+    return None if value is None else _key(value)
+
+
+def _keys(keys: Any) -> list[bytes]:
+    if type(keys) is not list:
+        raise ProtocolError("getmany wants a list of keys")
+    for key in keys:
+        _key(key)
+    return keys
+
+
+def _pairs(flat: Any) -> list[tuple[bytes, bytes | None]]:
+    if type(flat) is not list or len(flat) % 2:
+        raise ProtocolError("batch wants a flat list of key, value pairs")
+    ops = list(zip(flat[::2], flat[1::2], strict=True))
+    for key, value in ops:
+        _key(key)
+        _maybe_value(value)
+    return ops
+
+
+def _scan_args(lo: Any, lo_incl: Any, hi: Any, hi_incl: Any, reverse: Any, keys_only: Any,
+               limit: Any, max_bytes: Any) -> tuple[Any, ...]:
+    # Clamped: a page is built in memory whole, whatever the follower asked for.
+    return (_bound(lo), bool(lo_incl), _bound(hi), bool(hi_incl), bool(reverse),
+            bool(keys_only), min(max(_int(limit, "a page size"), 1), P.MAX_PAGE_ITEMS),
+            min(max(_int(max_bytes, "a page size"), 1), P.MAX_PAGE_BYTES))
+
+
+def _scan(store: Store, lo: bytes | None, lo_incl: bool, hi: bytes | None, hi_incl: bool,
+          reverse: bool, keys_only: bool, limit: int, max_bytes: int) -> list[Any]:
+    items, more = store.scan((lo, lo_incl, hi, hi_incl), reverse, keys_only, limit, max_bytes)
+    _seams.passage("mid_scan")
+    return [items, more]
+
+
+def _put_args(key: Any, value: Any, sync: Any) -> tuple[Any, ...]:
+    key, value = _key(key), _value(value)
+    P.check_put(key, value)
+    return key, value, bool(sync)
+
+
+def _cas_args(key: Any, expected: Any, new: Any, sync: Any) -> tuple[Any, ...]:
+    key, expected, new = _key(key), _maybe_value(expected), _maybe_value(new)
+    if new is not None:
+        P.check_put(key, new)
+    return key, expected, new, bool(sync)
+
+
+def _batch_args(flat: Any, sync: Any) -> tuple[Any, ...]:
+    P.check_batch(_pairs(flat))
+    return flat, bool(sync)
+
+
+def _batch(store: Store, flat: list[bytes | None], sync: bool, mark: Mark = None) -> None:
+    # Flat [key, value, key, value...] on the wire and locally alike (one form of the
+    # request for both routes); None as a value is a delete.
+    store.write(list(zip(flat[::2], flat[1::2], strict=True)), sync, mark)  # type: ignore[arg-type]
+
+
+def _key_sync(key: Any, sync: Any) -> tuple[Any, ...]:
+    return _key(key), bool(sync)
+
+
+def _key_len(key: Any, max_len: Any) -> tuple[Any, ...]:
+    return _key(key), _int(max_len, "a length")
+
+
+def _keys_len(keys: Any, max_len: Any) -> tuple[Any, ...]:
+    return _keys(keys), _int(max_len, "a length"), P.MAX_BATCH_BYTES
+
+
+@dataclass(frozen=True)
+class Op:
+    check: Callable[..., tuple[Any, ...]]  # a follower's arguments, checked (ProtocolError)
+    run: Callable[..., Any]  # (store, *checked arguments) -> result; writes take a mark too
+    keep: bool = False  # a write whose outcome a resent request must get again
+
+
+# Writes (P.WRITES) take a final `mark` argument; a follower's request gets one.
+OPS: dict[int, Op] = {
+    P.GET: Op(lambda key: (_key(key),), Store.get),
+    P.HAS: Op(lambda key: (_key(key),), Store.has),
+    P.GETMANY: Op(lambda keys: (_keys(keys), P.MAX_BATCH_BYTES), Store.get_many),
+    P.LEN: Op(lambda: (), Store.count),
+    P.SCAN: Op(_scan_args, _scan),
+    P.COMPACT: Op(lambda: (), Store.compact),
+    P.SYNC: Op(lambda: (), Store.sync),
+    P.PUT: Op(_put_args, Store.put),
+    P.DELETE: Op(_key_sync, Store.delete, keep=True),
+    P.POP: Op(_key_sync, Store.pop, keep=True),
+    P.SETDEFAULT: Op(_put_args, Store.setdefault, keep=True),
+    P.CAS: Op(_cas_args, Store.compare_and_set, keep=True),
+    P.CLEAR: Op(lambda sync: (bool(sync),), Store.clear),
+    P.GETPOS: Op(_key_len, Store.get_at),
+    P.GETMANYPOS: Op(_keys_len, Store.get_many_at),
+    P.BATCH: Op(_batch_args, _batch),
+}
+assert set(OPS) == set(P.OP_NAMES) - {P.HELLO}, "every operation needs an entry"
+
+
+def run_local(store: Store, op: int, args: tuple[Any, ...]) -> Any:
+    """Run a request of this process's own on its own store (no checks, no dedup: it
+    comes from this process, and nothing of it can have been applied by another
+    leader)."""
+    return OPS[op].run(store, *args)
+
+
+class Dispatcher:
+    """Applies one follower request to the store. Arguments come from another process:
+    each is checked before anything is read or written, and a request of the wrong
+    shape raises ProtocolError (nothing else), so it never changes what is stored."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def call(self, peer: Peer, op: int, rid: int, args: Any) -> Any:
+        entry = OPS.get(op) if type(op) is int else None
+        if entry is None:
+            raise ProtocolError(f"unknown operation {brief(op)}")
+        if not isinstance(args, (list, tuple)):
+            raise ProtocolError(f"{P.OP_NAMES[op]} wants a list of arguments")
+        try:
+            args = entry.check(*args)
+        except TypeError:
+            raise ProtocolError(f"{P.OP_NAMES[op]}: wrong number of arguments "
+                                f"({len(args)})") from None
+        if op not in P.WRITES:
+            return entry.run(self.store, *args)
+        if rid <= peer.applied:
+            # A retried write the database already holds (the previous leader applied it
+            # and died before answering): never apply it twice; answer as it did.
+            return self._outcome(peer, op, rid)
+        return self._apply(peer, rid, entry, args)
+
+    def _apply(self, peer: Peer, rid: int, entry: Op, args: Any) -> Any:
+        client = peer.client
+        assert client is not None
+        kept = [*peer.kept, rid][-RECENT_OUTCOMES:] if entry.keep else peer.kept
+        dropped = [r for r in peer.kept if r not in kept] if entry.keep else []
+
+        def mark(outcome: Any) -> list[tuple[bytes, bytes | None]]:
+            return Backend.mark_ops(client, rid, kept, dropped, outcome, entry.keep)
+
+        _seams.passage("before_apply")
+        result = entry.run(self.store, *args, mark)
+        peer.applied, peer.kept = rid, kept
+        _seams.passage("after_apply")
+        return result
+
+    def _outcome(self, peer: Peer, op: int, rid: int) -> Any:
+        if not OPS[op].keep:
+            return None  # puts, batches and clears answer None
+        assert peer.client is not None
+        if rid in peer.kept:
+            found, outcome = self.store.outcome(peer.client, rid)
+            if found:
+                return outcome
+        if rid in peer.inline:
+            return peer.inline[rid]
+        if op == P.DELETE:
+            # Older than the last RECENT_OUTCOMES read-modify-writes: cannot still be in
+            # flight in practice. Say it existed, as before outcomes were kept.
+            return True
+        raise error(f"the outcome of this {P.OP_NAMES[op]} (request {rid}) is no longer "
+                    "known: it was applied, but more than "
+                    f"{RECENT_OUTCOMES} later writes of this client came first")

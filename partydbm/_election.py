@@ -219,6 +219,17 @@ def _flock_layout() -> tuple[str, tuple[str, ...]] | None:
 FLOCK_LAYOUT = _flock_layout()
 
 
+def _try_lock(fd: int) -> bool:
+    """Take this process's POSIX lock on the whole file; False if another process has it."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 class LockFile:
     """The process's one fd on a database's LOCK file, and a waiter thread on it."""
 
@@ -264,13 +275,7 @@ class LockFile:
                 self.fd = -1
 
     def try_lock(self) -> bool:
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+        return _try_lock(self.fd)
 
     def unlock(self) -> None:
         """Release the process's lock. Only safe when LevelDB does not hold it here."""
@@ -301,7 +306,8 @@ class LockFile:
             if self._waiter is not None and self._waiter.is_alive():
                 return
             self._waiter = threading.Thread(
-                target=self._wait, args=(on_acquired,), name="partydbm-lock-wait", daemon=True
+                target=self._wait, args=(on_acquired,), daemon=True,
+                name=f"partydbm-lock-wait {os.path.dirname(self.path)}"
             )
             self._waiter.start()
 
@@ -323,3 +329,41 @@ class LockFile:
         POSIX locks are not inherited; the fd is shared and stays usable."""
         self._waiter = None
         self._mutex = threading.Lock()
+
+
+HELPER_LOCK_NAME = "partydbm.helper-lock"
+
+
+class HelperLock:
+    """The right to keep a helper leader for a database (see _helper), among processes
+    that cannot open it themselves (forked from a leader: DESIGN.md trap 2).
+
+    When a leader with a crowd of such children dies, each would start a helper, a new
+    interpreter: 150 at once on 2 CPUs took longer than the children's timeout to lead
+    at all. Whoever holds this lock (a POSIX lock on its own file, so never inherited
+    by fork and dropped when the holder dies) keeps the one helper; the others wait for
+    it, or for the lock when its holder goes."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = os.path.join(db_path, HELPER_LOCK_NAME)
+        self._mode = os.stat(db_path).st_mode & 0o666  # as LOCK (see LockFile)
+        self.fd = -1
+
+    def try_lock(self) -> bool:
+        """Take the lock (again: a no-op while this process holds it). False if another
+        process holds it; True also where the lock file cannot be made (then every such
+        process keeps a helper, as if there were no lock)."""
+        if self.fd < 0:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                                  | os.O_NOFOLLOW, self._mode)
+            except OSError:
+                return True
+        return _try_lock(self.fd)
+
+    def release(self) -> None:
+        """Let go (closing the fd drops this process's lock). In a forked child, where
+        the lock is the parent's, this closes only the child's copy of the fd."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

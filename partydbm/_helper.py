@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from . import _server
-from . import open as party_open
+from ._open import open_to_serve
 
 
 def main(argv: list[str]) -> int:
-    _server.serve_only()
-    db = party_open(argv[0], "w", timeout=None)
+    db = open_to_serve(argv[0], "w", timeout=None)
     try:
         while sys.stdin.buffer.read(4096):
             pass

@@ -1,5 +1,6 @@
-"""PartyDBM: the dbm + MutableMapping facade. Flags, key coercion and closed checks
-live here; every operation goes to the process's engine for the database."""
+"""PartyDBM: the dbm + MutableMapping facade. Flags, key coercion, the read-only check;
+every operation goes to the route of the process's engine for the database
+(_routes.py), which also decides what a closed handle does (ClosedError)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,18 @@ import itertools
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any
 
-from . import _cursor
-from . import _engine as E
+from . import _cursor, _registry
 from . import _protocol as P
-from ._backend import USER, StorageError, storage_error
+from ._engine import Engine
 from ._errors import CLOSED_MESSAGE, READONLY_MESSAGE, ClosedError, ReadOnlyError
+from ._routes import CLOSED
 
 Key = bytes | str | bytearray | memoryview
 
 UPDATE_CHUNK = 4096  # items per atomic batch in update()
 UPDATE_CHUNK_BYTES = 8 << 20  # ...and bytes of keys and values (well under MAX_BATCH_BYTES)
 GET_MANY_CHUNK = 4096  # keys per request in get_many()
+_MISSING: Any = object()
 
 
 def to_bytes(obj: Any, what: str = "keys") -> bytes:
@@ -30,121 +32,141 @@ def to_bytes(obj: Any, what: str = "keys") -> bytes:
     raise TypeError(f"{what} must be bytes or str, not {type(obj).__name__}")
 
 
+def _maybe_bytes(obj: Any) -> bytes | None:
+    return None if obj is None else to_bytes(obj, "values")
+
+
+class _Closed:
+    """What a closed handle holds instead of its engine."""
+
+    route = CLOSED
+    leader_pid = 0
+
+
+_CLOSED = _Closed()
+
+
 class PartyDBM(MutableMapping[bytes, bytes]):
     """A handle on a partydbm database (create with partydbm.open)."""
 
-    _engine: E.Engine | None
+    _engine: Engine | _Closed
 
-    def __init__(self, engine: E.Engine, path: str, readonly: bool, sync: bool,
-                 retry: bool, timeout: float | None) -> None:
+    def __init__(self, engine: Engine, path: str, readonly: bool, sync: bool,
+                 retry: bool, timeout: float | None, cached: bool = True) -> None:
         self._engine = engine
         self.name = path
         self._readonly = readonly
         self._sync = sync
+        # The policy its route reads (_routes.Policy):
         self._retry = retry
         self._timeout = timeout
+        self._cached = cached
 
-    # -- the choke points ------------------------------------------------------------------
-    def _e(self) -> E.Engine:
-        engine = self._engine
-        if engine is None:
+    # -- the choke points: every request is one of these (or the hot get/put) -----------
+    def _run(self, op: int, *args: Any) -> Any:
+        return self._engine.route.run(op, args, self)
+
+    def _write(self, op: int, *args: Any) -> Any:
+        if self._readonly:
+            self._writable()
+        return self._engine.route.run(op, args, self)
+
+    def _writable(self) -> None:
+        """Raise unless the handle may write now (closed first, as every dbm does)."""
+        if self._engine is _CLOSED:
             raise ClosedError(CLOSED_MESSAGE)
-        return engine
-
-    def _w(self) -> E.Engine:
-        engine = self._e()
         if self._readonly:
             raise ReadOnlyError(READONLY_MESSAGE)
-        return engine
 
     # -- the mapping ---------------------------------------------------------------------
-    # The three hot operations take the leader's local path inline (one Python call
-    # less than going through the engine: the leader's get must stay close to plyvel's).
     def __getitem__(self, key: Key) -> bytes:
-        k = key if type(key) is bytes else to_bytes(key)
-        engine = self._engine
-        if engine is None:
-            raise ClosedError(CLOSED_MESSAGE)
-        backend = engine.backend
-        value: bytes | None
-        if backend is not None:
-            server = engine.server
-            if server is not None and server.inline:  # engine.serve_followers(), inline
-                server.poll()
-            try:
-                value = backend.raw_get(USER + k)
-            except StorageError as exc:
-                raise storage_error(exc) from exc
-        else:
-            value = engine.call(P.GET, (k,), self)
+        value = self._engine.route.get(key if type(key) is bytes else to_bytes(key), self)
         if value is None:
             raise KeyError(key)
         return value
 
     def get(self, key: Key, default: Any = None) -> Any:
-        value = self._e().get(to_bytes(key), self)
+        value = self._engine.route.get(to_bytes(key), self)
         return default if value is None else value
 
     def get_many(self, keys: Iterable[Key], default: Any = None) -> list[Any]:
         """The values of `keys`, in order, `default` for a missing one. A follower asks
         for GET_MANY_CHUNK keys per round trip (one request instead of one per key); each
         chunk is read from one LevelDB snapshot."""
-        engine = self._e()
         wanted = [to_bytes(k) for k in keys]
         out: list[Any] = []
-        for i in range(0, len(wanted), GET_MANY_CHUNK):
-            values = engine.simple(P.GETMANY, self, wanted[i:i + GET_MANY_CHUNK])
+        for i in range(0, max(len(wanted), 1), GET_MANY_CHUNK):
+            values = self._run(P.GETMANY, wanted[i:i + GET_MANY_CHUNK])
             out.extend(default if v is None else v for v in values)
         return out
-
-    def setdefault(self, key: Key, default: Any = None) -> bytes:
-        """The stored value of `key`; if missing, store `default` and return it as stored
-        (bytes). A missing key with no default raises TypeError (None is no value)."""
-        value: bytes | None = self.get(key)
-        if value is not None:
-            return value
-        stored = to_bytes(default, "values")
-        self[key] = stored
-        return stored
 
     def __setitem__(self, key: Key, value: Key) -> None:
         k = key if type(key) is bytes else to_bytes(key)
         v = value if type(value) is bytes else to_bytes(value, "values")
-        engine = self._engine
-        if engine is None:
-            raise ClosedError(CLOSED_MESSAGE)
         if self._readonly:
-            raise ReadOnlyError(READONLY_MESSAGE)
+            self._writable()
         if len(v) > P.MAX_VALUE or len(k) > P.MAX_KEY:  # the same limits in both roles
             P.check_put(k, v)
-        backend = engine.backend
-        if backend is not None:
-            server = engine.server
-            if server is not None and server.inline:  # engine.serve_followers(), inline
-                server.poll()
-            try:
-                backend.raw_put(USER + k, v, sync=self._sync)
-            except StorageError as exc:  # a full disk: partydbm.error naming the cause
-                raise storage_error(exc) from exc
-        else:
-            engine.call(P.PUT, (k, v, self._sync), self)
+        self._engine.route.put(k, v, self._sync, self)
 
     def __delitem__(self, key: Key) -> None:
-        if not self._w().delete(to_bytes(key), self._sync, self):
+        if not self._write(P.DELETE, to_bytes(key), self._sync):
             raise KeyError(key)
 
+    def pop(self, key: Key, default: Any = _MISSING) -> Any:
+        """Remove `key` and return its value, atomically: of several processes or
+        threads popping one key at once, exactly one gets its value."""
+        value = self._write(P.POP, to_bytes(key), self._sync)
+        if value is not None:
+            return value
+        if default is _MISSING:
+            raise KeyError(key)
+        return default
+
+    def popitem(self) -> tuple[bytes, bytes]:
+        """Remove and return the first (key, value) in key order, atomically (another
+        process popping the same key meanwhile makes this one take the next)."""
+        while True:
+            key = self.firstkey()
+            if key is None:
+                raise KeyError("popitem(): database is empty")
+            value = self._write(P.POP, key, self._sync)
+            if value is not None:
+                return key, value
+
+    def setdefault(self, key: Key, default: Any = None) -> bytes:
+        """The stored value of `key`; if missing, store `default` and return it as stored
+        (bytes), atomically: of several racing for a missing key, one value is stored and
+        every one of them gets it. A missing key with no default raises TypeError (None
+        is no value)."""
+        k = to_bytes(key)
+        value: bytes | None = self._engine.route.get(k, self)
+        if value is not None:
+            return value
+        stored = to_bytes(default, "values")
+        P.check_put(k, stored)
+        return self._write(P.SETDEFAULT, k, stored, self._sync)  # type: ignore[no-any-return]
+
+    def compare_and_set(self, key: Key, expected: Key | None, new: Key | None) -> bool:
+        """Atomically: if `key`'s value is `expected` (None: the key is absent), set it to
+        `new` (None: delete it) and return True; else change nothing and return False.
+        Like every write, applied exactly once across a leader's death."""
+        k, new_value = to_bytes(key), _maybe_bytes(new)
+        if new_value is not None:
+            P.check_put(k, new_value)
+        return bool(self._write(P.CAS, k, _maybe_bytes(expected), new_value, self._sync))
+
     def __contains__(self, key: object) -> bool:
-        return self._e().has(to_bytes(key), self)
+        return bool(self._run(P.HAS, to_bytes(key)))
 
     def __len__(self) -> int:
-        return int(self._e().simple(P.LEN, self))
+        return int(self._run(P.LEN))
 
     def __bool__(self) -> bool:
         return self.firstkey() is not None
 
     def __iter__(self) -> Iterator[bytes]:
-        self._e()
-        return _cursor.scan(self, (None, True, None, False), False, "keys")
+        return self._scan((None, True, None, False), False, "keys")
 
     def keys(self) -> list[bytes]:  # type: ignore[override]
         """All keys, in key order, as a list (as every dbm module returns)."""
@@ -161,7 +183,7 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         UPDATE_CHUNK_BYTES bytes (one round trip each). As with dict.update, when the
         pairs themselves fail (a bad pair, an iterator that raises), those before it
         are stored."""
-        engine = self._w()
+        self._writable()  # before any pair is read
         pairs: Iterable[Any]
         if isinstance(other, Mapping):
             pairs = ((k, other[k]) for k in other)
@@ -169,23 +191,27 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             pairs = ((k, other[k]) for k in other.keys())  # noqa: SIM118 - dict protocol
         else:
             pairs = other
-        chunk: list[tuple[bytes, bytes | None]] = []
+        chunk: list[bytes | None] = []  # flat: key, value, key, value...
         size = 0
         try:
             for key, value in itertools.chain(_pairs(pairs), kwds.items()):
                 k, v = to_bytes(key), to_bytes(value, "values")
-                chunk.append((k, v))
+                chunk += (k, v)
                 size += len(k) + len(v)
-                if len(chunk) >= UPDATE_CHUNK or size >= UPDATE_CHUNK_BYTES:
-                    ops, chunk, size = chunk, [], 0  # a failed write is not retried below
-                    engine.batch(ops, self._sync, self)
+                if len(chunk) >= 2 * UPDATE_CHUNK or size >= UPDATE_CHUNK_BYTES:
+                    flat, chunk, size = chunk, [], 0  # a failed write is not retried below
+                    self._batch(flat)
         finally:
             if chunk:
-                engine.batch(chunk, self._sync, self)
+                self._batch(chunk)
+
+    def _batch(self, flat: list[bytes | None]) -> None:
+        P.check_batch(list(zip(flat[::2], flat[1::2], strict=True)))  # type: ignore[arg-type]
+        self._write(P.BATCH, flat, self._sync)
 
     def clear(self) -> None:
         """Delete every key, atomically."""
-        self._w().simple(P.CLEAR, self, self._sync)
+        self._write(P.CLEAR, self._sync)
 
     # -- dbm extras ------------------------------------------------------------------------
     def firstkey(self) -> bytes | None:
@@ -199,15 +225,15 @@ class PartyDBM(MutableMapping[bytes, bytes]):
         return None
 
     def sync(self) -> None:
-        self._e().simple(P.SYNC, self)
+        self._run(P.SYNC)
 
     def reorganize(self) -> None:
-        self._w().simple(P.COMPACT, self)
+        self._write(P.COMPACT)
 
     def close(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            E.release(engine)
+        engine, self._engine = self._engine, _CLOSED
+        if isinstance(engine, Engine):
+            _registry.release(engine)
 
     def __enter__(self) -> PartyDBM:
         return self
@@ -222,21 +248,20 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             pass
 
     def __repr__(self) -> str:
-        state = "closed" if self._engine is None else (
-            "leader" if self._engine.backend is not None else "follower")
+        route = self._engine.route
+        state = "closed" if route is CLOSED else "leader" if route.is_leader else "follower"
         return f"<partydbm.PartyDBM {self.name!r} {state}>"
 
     # -- beyond dbm (plyvel names) ---------------------------------------------------------
     @property
     def is_leader(self) -> bool:
-        return self._e().backend is not None
+        return self._engine.route.is_leader
 
     def iterator(self, *, start: Key | None = None, stop: Key | None = None,
                  prefix: Key | None = None, reverse: bool = False,
                  include_start: bool = True, include_stop: bool = False,
                  include_key: bool = True, include_value: bool = True) -> Iterator[Any]:
         """A range scan in key order: (key, value) pairs, or keys or values alone."""
-        self._e()
         rng = _cursor.make_range(
             None if start is None else to_bytes(start), None if stop is None else to_bytes(stop),
             None if prefix is None else to_bytes(prefix), include_start, include_stop)
@@ -248,10 +273,15 @@ class PartyDBM(MutableMapping[bytes, bytes]):
             shape = "values"
         else:
             raise ValueError("iterator() needs include_key or include_value")
-        return _cursor.scan(self, rng, reverse, shape)
+        return self._scan(rng, reverse, shape)
+
+    def _scan(self, rng: _cursor.Range, reverse: bool, shape: str) -> Iterator[Any]:
+        if self._engine is _CLOSED:  # at once, not at the first next()
+            raise ClosedError(CLOSED_MESSAGE)
+        return _cursor.scan(lambda: self._engine.route, self, rng, reverse, shape)
 
     def write_batch(self) -> WriteBatch:
-        self._w()
+        self._writable()
         return WriteBatch(self)
 
 
@@ -281,7 +311,7 @@ class WriteBatch:
     def write(self) -> None:
         ops, self._ops = self._ops, []
         if ops:
-            self._db._w().batch(ops, self._db._sync, self._db)
+            self._db._batch([x for op in ops for x in op])
 
     def __len__(self) -> int:
         return len(self._ops)

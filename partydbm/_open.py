@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from . import _backend as B
-from . import _engine as E
+from . import _registry
+from ._cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
 from ._errors import BadFlagError, error
 from ._mapping import PartyDBM
 
@@ -88,7 +89,7 @@ def repair(file: str | os.PathLike[str]) -> None:
     with _os_errors("repair", shown):
         if not _is_db(path):
             _no_db(path, shown)
-        E.exclusively(path, lambda: B.repair(path))
+        _registry.exclusively(path, lambda: B.repair(path))
 
 
 def _resolve(file: Any) -> tuple[Any, str]:
@@ -118,18 +119,35 @@ def _os_errors(doing: str, shown: Any) -> Iterator[None]:
 
 
 def open(file: Any, flag: str = "c", mode: int = 0o666, *, retry: bool = True,
-         timeout: float | None = 10.0) -> PartyDBM:
-    """Open (or create) the partydbm database at `file`; see CONTRACT.md."""
+         timeout: float | None = 10.0, cache_size: int = DEFAULT_CACHE_SIZE) -> PartyDBM:
+    """Open (or create) the partydbm database at `file`; see the README.
+    `cache_size`: bytes of reads a follower process may answer from its own cache (one
+    per database and process: the largest any of its handles asks for); 0: this
+    handle always reads from the leader."""
+    return _opened(file, flag, mode, retry, timeout, False, cache_size)
+
+
+def open_to_serve(file: Any, flag: str = "c", timeout: float | None = None) -> PartyDBM:
+    """open() for a process whose only job is to serve the database (`partydbm serve`,
+    the fork helper): when it leads, its serving threads keep its priority and never
+    park, since no application thread of its own calls the database."""
+    return _opened(file, flag, 0o666, True, timeout, True, DEFAULT_CACHE_SIZE)
+
+
+def _opened(file: Any, flag: str, mode: int, retry: bool, timeout: float | None,
+            serve_only: bool, cache_size: int) -> PartyDBM:
     kind, sync = _parse_flag(flag)
     shown, path = _resolve(file)
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be None or >= 0")
+    if type(cache_size) is not int or cache_size < 0:
+        raise ValueError(f"cache_size must be an int >= 0, not {cache_size!r}")
     with _os_errors("open", shown):
-        return _open(path, shown, kind, sync, mode, retry, timeout)
+        return _open(path, shown, kind, sync, mode, retry, timeout, serve_only, cache_size)
 
 
 def _open(path: str, shown: Any, kind: str, sync: bool, mode: int, retry: bool,
-          timeout: float | None) -> PartyDBM:
+          timeout: float | None, serve_only: bool, cache_size: int) -> PartyDBM:
     if not _is_db(path):
         if kind in "rw":
             _no_db(path, shown)
@@ -138,9 +156,9 @@ def _open(path: str, shown: Any, kind: str, sync: bool, mode: int, retry: bool,
                 raise error(errno.EEXIST, "exists and is not a partydbm database", shown)
             os.unlink(path)  # 'n' replaces a plain file
         _create(path, mode)
-    engine = E.acquire(path, timeout)
+    engine = _registry.acquire(path, timeout, serve_only, cache_size)
     db = PartyDBM(engine, path, readonly=kind == "r", sync=sync, retry=retry,
-                  timeout=timeout)
+                  timeout=timeout, cached=cache_size > 0)
     if kind == "n":
         try:
             db.clear()

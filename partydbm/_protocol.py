@@ -5,11 +5,13 @@ through `Decoder.feed()` as bytes arrive. Shapes:
 
     request   [op, rid, *args]        op: small int (below), rid: request id
     response  [rid, ok, payload]      ok True: payload is the result;
-                                      ok False: payload is [code, message]
+                                      ok False: payload is [code, message] or
+                                      [code, message, errno, filename] (_errors)
 
 The first request on a connection is HELLO [HELLO, 0, {"v": VERSION, "client": id,
-"pid": pid}]; the leader answers [0, True, {"v": VERSION, "pid": pid}] or an error and
-closes. A frame the receiver cannot decode is answered with an error (rid None) and
+"pid": pid, "ring": bool}]; the leader answers [0, True, {"v": VERSION, "pid": pid,
+"ring": epoch or None}] (the change ring a follower that asked may map: _ring.py) or
+an error and closes. A frame the receiver cannot decode is answered with an error (rid None) and
 the connection is closed: no peer ever waits on a message that was dropped. A request
 the leader can decode but not accept (not a list, unknown op, wrong arguments) gets an
 error reply with its rid, and the connection is closed too. Sizes and deadlines are
@@ -27,15 +29,17 @@ import msgpack
 
 from ._errors import error
 
-VERSION = 1
+VERSION = 2  # 2: pop, setdefault, cas; getpos and getmanypos for the followers' cache
 
 # Requests. Writes are the ops a leader deduplicates by (client, rid) after failover.
-HELLO, GET, PUT, DELETE, HAS, LEN, CLEAR, BATCH, SCAN, COMPACT, SYNC, GETMANY = range(12)
-WRITES = frozenset({PUT, DELETE, CLEAR, BATCH})
+(HELLO, GET, PUT, DELETE, HAS, LEN, CLEAR, BATCH, SCAN, COMPACT, SYNC, GETMANY, POP,
+ SETDEFAULT, CAS, GETPOS, GETMANYPOS) = range(17)
+WRITES = frozenset({PUT, DELETE, CLEAR, BATCH, POP, SETDEFAULT, CAS})
 OP_NAMES = {
     HELLO: "hello", GET: "get", PUT: "put", DELETE: "delete", HAS: "has", LEN: "len",
     CLEAR: "clear", BATCH: "batch", SCAN: "scan", COMPACT: "compact", SYNC: "sync",
-    GETMANY: "getmany",
+    GETMANY: "getmany", POP: "pop", SETDEFAULT: "setdefault", CAS: "cas",
+    GETPOS: "getpos", GETMANYPOS: "getmanypos",
 }
 
 # -- limits ----------------------------------------------------------------------------

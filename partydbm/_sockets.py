@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import random
+import resource
 import select
 import socket
 import stat
@@ -19,6 +21,8 @@ import sys
 import tempfile
 import time
 from typing import NamedTuple
+
+from . import _seams
 
 Socket = socket.socket
 DONTWAIT = socket.MSG_DONTWAIT
@@ -36,6 +40,13 @@ POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
 # listen() binds in a private directory instead (_bind_privately).
 FCHMOD_BEFORE_BIND = LINUX
 
+# A backlog larger than any system allows: Linux (and the BSDs) silently cap listen(n)
+# at the system's limit (Linux: /proc/sys/net/core/somaxconn, 4096 since 5.4, 128
+# before and in some containers), so this asks for "as many as allowed" without reading
+# the limit. The backlog is what lets a crowd of followers that connect at the same
+# instant wait for the accept loop instead of being turned away (see connect()).
+BACKLOG = 65535
+
 
 def listen(address: str, file_mode: int) -> socket.socket:
     """Bind and listen. The socket file gets the database files' permission bits, so
@@ -48,7 +59,8 @@ def listen(address: str, file_mode: int) -> socket.socket:
             sock.bind(address)
         else:
             _bind_privately(sock, address, file_mode & 0o666)
-        sock.listen(128)
+        backlog = _seams.listen_backlog
+        sock.listen(BACKLOG if backlog is None else backlog)
     except BaseException:
         sock.close()
         raise
@@ -90,17 +102,26 @@ class NotASocket(Refused):
     """What sits at the socket path is not a socket (a symlink, a regular file...)."""
 
 
-def connect(address: str, timeout: float | None) -> socket.socket:
-    """Connect to a leader. A path that is not a socket itself (a symlink to one
-    included) is refused without connecting: connect() would follow it."""
+class Busy(TimeoutError):
+    """The leader's listen backlog stayed full until the deadline."""
+
+
+# Seconds between connects that find the backlog full: doubling from the first to the
+# last, each sleep drawn between half and all of the current step, so that a crowd
+# turned away at the same instant comes back spread out rather than in lockstep.
+CONNECT_BACKOFF = (0.001, 0.05)
+
+
+def connect(address: str, deadline: float | None) -> socket.socket:
+    """Connect to a leader, waiting (until `deadline`, a time.monotonic() value; None:
+    for ever) while its listen backlog is full. A path that is not a socket itself (a
+    symlink to one included) is refused without connecting: connect() would follow it."""
     mode = os.lstat(address).st_mode  # FileNotFoundError: no leader there
     if not stat.S_ISSOCK(mode):
         raise NotASocket(errno.ECONNREFUSED, f"not a socket ({_kind(mode)})", address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.settimeout(None)
+        _connect_patiently(sock, address, deadline)
         slice_ = _TIMEVAL.pack(0, int(SLICE * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, slice_)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, slice_)
@@ -108,6 +129,31 @@ def connect(address: str, timeout: float | None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _connect_patiently(sock: socket.socket, address: str,
+                       deadline: float | None) -> None:
+    """connect() that retries, with backoff, while the backlog is full. The socket is
+    non-blocking: a blocking connect() would wait in the kernel for room, but a signal
+    handler interrupting that wait makes Python report a connection that never was."""
+    sock.setblocking(False)
+    step, tries, start = CONNECT_BACKOFF[0], 0, time.monotonic()
+    while True:
+        try:
+            sock.connect(address)  # on a unix socket: at once, or EAGAIN if full
+        except BlockingIOError:  # (Linux; the BSDs refuse with ECONNREFUSED instead)
+            tries += 1
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Busy(errno.EAGAIN, f"the leader's listen backlog stayed full for "
+                           f"{time.monotonic() - start:.3g}s ({tries} tries): it accepts "
+                           "more slowly than followers arrive, or is stopped") from None
+            pause = random.uniform(step / 2, step)
+            time.sleep(pause if left is None else min(pause, left))
+            step = min(step * 2, CONNECT_BACKOFF[1])
+            continue
+        sock.setblocking(True)
+        return
 
 
 def _kind(mode: int) -> str:
@@ -118,6 +164,24 @@ def _kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a directory"
     return f"file type {stat.S_IFMT(mode):o}"
+
+
+def more_files(newest: int | None, spare: int) -> bool:
+    """Make room for more open files in this process: when the fd `newest` (the lowest
+    free one when it was made, so about how many are open) leaves fewer than `spare`
+    under the soft RLIMIT_NOFILE, or when an open just failed with EMFILE (`newest`
+    None), double the soft limit, up to the hard one. False if there is no room."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or (newest is not None and newest + spare < soft):
+            return True
+        more = soft * 2 if hard == resource.RLIM_INFINITY else min(soft * 2, hard)
+        if more <= soft:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (more, hard))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def serve_options(sock: socket.socket) -> None:
@@ -293,6 +357,33 @@ def drop(sock: socket.socket) -> None:
         sock.close()  # close(2) of one fd; only shutdown() would end the connection
     except OSError:
         pass
+
+
+def drop_accepted(listener: socket.socket) -> None:
+    """In a forked child: close this process's copy of every connection accepted on
+    `listener`, including one accept() had returned but no Python object held yet when
+    the fork copied it (found by its name, the listener's). Such a copy kept the
+    connection open after the leader died: its follower waited for an answer until
+    its timeout instead of failing over."""
+    try:
+        name, own = listener.getsockname(), listener.fileno()
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            if fd == own or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # closed meanwhile (the listing's own fd)
+        try:
+            ours = sock.family == socket.AF_UNIX and sock.getsockname() == name
+        except OSError:
+            ours = False
+        sock.detach()
+        if ours:
+            os.close(fd)
 
 
 def hang_up(sock: socket.socket) -> None:

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import Party
 
 import partydbm
 from partydbm._election import socket_address
+
+from .procs import Party
 
 SOCK = "partydbm.sock"
 NOBODY = 65534

@@ -12,16 +12,15 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mp_util import Party
 
 from partydbm import _backend
+
+from .procs import Party
 
 BOTH = all(importlib.util.find_spec(n) is not None for n in _backend.BINDINGS)
 needs_both = pytest.mark.skipif(not BOTH, reason="needs plyvel and plyvel-next installed "
@@ -47,51 +46,50 @@ print(json.dumps(out))
 """
 
 
-def run(code: str, *args: Any, without: tuple[str, ...] = (),
+def run(party: Party, code: str, *args: Any, without: tuple[str, ...] = (),
         extra_path: str | None = None) -> dict[str, Any]:
     """Run `code` (sys.argv[3:] = `args`) in a fresh interpreter that cannot import the
     modules `without`; what it puts in `out` comes back, or {"error": the last line of
-    its stderr}. `extra_path` goes first on sys.path."""
-    env = dict(os.environ)
+    its stderr}. `extra_path` goes first on sys.path (after the script's directory)."""
+    env = {}
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path,
-                                                          env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(without), code,
-                           *map(str, args)], capture_output=True, text=True, timeout=120,
-                          env=env)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1]}
-    result: dict[str, Any] = json.loads(proc.stdout)
+                                                          os.environ.get("PYTHONPATH")]))
+    worker = party.python(RUN, json.dumps(without), code, *args, env=env)
+    line = worker.readline()
+    if worker.wait() != 0 or line is None:
+        return {"error": worker.stderr().strip().splitlines()[-1]}
+    result: dict[str, Any] = json.loads(line)
     return result
 
 
 # -- which binding ---------------------------------------------------------------------------
-def test_with_neither_binding_the_import_error_says_what_to_install() -> None:
-    out = run("", without=_backend.BINDINGS)
+def test_with_neither_binding_the_import_error_says_what_to_install(party: Party) -> None:
+    out = run(party, "", without=_backend.BINDINGS)
     assert out["error"].startswith("ModuleNotFoundError: partydbm needs a LevelDB binding"), out
     assert "pip install plyvel-next" in out["error"]
 
 
 def test_a_binding_that_is_installed_but_broken_is_not_quietly_replaced(
-        tmp_path: Path) -> None:
+        party: Party, tmp_path: Path) -> None:
     """A plyvel_next that fails to import (a missing library of its own) must surface,
     not make partydbm fall back to plyvel."""
     fake = tmp_path / "plyvel_next"
     fake.mkdir()
     (fake / "__init__.py").write_text("import _partydbm_no_such_module\n")
-    out = run("", extra_path=str(tmp_path))
+    out = run(party, "", extra_path=str(tmp_path))
     assert out == {"error": "ModuleNotFoundError: No module named '_partydbm_no_such_module'"}
 
 
 @pytest.mark.parametrize("name", ["plyvel", "plyvel_next"])
-def test_the_binding_is_plyvel_next_where_installed_else_plyvel(name: str) -> None:
+def test_the_binding_is_plyvel_next_where_installed_else_plyvel(party: Party, name: str) -> None:
     installed = importlib.util.find_spec(name) is not None
     if not installed:
         pytest.skip(f"{name} is not installed here")
-    alone = run("", without=(OTHER[name],))
+    alone = run(party, "", without=(OTHER[name],))
     assert alone == {"binding": name}
     if BOTH:  # deterministic whatever the order of sys.path or of installation
-        assert run("") == {"binding": "plyvel_next"}
+        assert run(party, "") == {"binding": "plyvel_next"}
 
 
 @pytest.mark.parametrize(("msg", "kind"), [
@@ -140,8 +138,8 @@ def _model(batches: list[tuple[str, int, int]]) -> tuple[list[str], str, str]:
     return [k.hex() for k in keys], digest, batches[-1][0]
 
 
-def _under(binding: str, code: str, *args: Any) -> dict[str, Any]:
-    out = run(code, *args, without=(OTHER[binding],))
+def _under(party: Party, binding: str, code: str, *args: Any) -> dict[str, Any]:
+    out = run(party, code, *args, without=(OTHER[binding],))
     assert out.get("binding") == binding, out
     return out
 
@@ -149,16 +147,16 @@ def _under(binding: str, code: str, *args: Any) -> dict[str, Any]:
 @needs_both
 @pytest.mark.parametrize("first", ["plyvel", "plyvel_next"])
 def test_a_database_written_under_one_binding_is_read_and_written_under_the_other(
-        tmp_path: Path, first: str) -> None:
+        party: Party, tmp_path: Path, first: str) -> None:
     path = tmp_path / "db"
     second = OTHER[first]
     batches: list[tuple[str, int, int]] = []
     for binding, start in ((first, 0), (second, 1500), (first, 3000)):
-        _under(binding, WRITE, path, start, 2000)
+        _under(party, binding, WRITE, path, start, 2000)
         batches.append((binding, start, 2000))
         keys, digest, last = _model(batches)
         for reader in (first, second):
-            got = _under(reader, READ, path)
+            got = _under(party, reader, READ, path)
             assert got["keys"] == keys and got["digest"] == digest, reader
             assert (got["last"], got["one"]) == (last, [b"last".hex()])
 

@@ -2,7 +2,7 @@
 going without the leader growing (file descriptors, threads, memory), a 10 MB value and
 a 100 MB batch from a follower, and the documented limits as clear errors.
 
-The leader is a worker process (tests/workers.py repl) so that its /proc entries can be
+The leader is a worker process (tests/workers/, repl) so that its /proc entries can be
 read; raw clients (tests/hostile.py) make the numbers cheap."""
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostile import Raw, is_error
-from mp_util import Party, all_replies
 
 import partydbm
 from partydbm import _protocol as P
 
-pytestmark = pytest.mark.multiprocess
+from .conftest import Opener
+from .hostile import Raw, is_error
+from .procs import Party, all_replies
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 MB = 1 << 20
 
@@ -204,7 +206,7 @@ def test_a_10MB_value_and_a_100MB_batch_from_a_follower_work_within_bounded_memo
     assert leader_peak - leader_base < 6 * payload_kb, (leader_base, leader_peak)
 
 
-def test_a_value_over_the_limit_is_a_clear_error_in_both_roles(open_db) -> None:
+def test_a_value_over_the_limit_is_a_clear_error_in_both_roles(open_db: Opener) -> None:
     db = open_db()
     with pytest.raises(partydbm.error) as info:
         db[b"huge"] = b"\0" * (P.MAX_VALUE + 1)
@@ -217,7 +219,7 @@ def test_a_value_over_the_limit_is_a_clear_error_in_both_roles(open_db) -> None:
 
 
 def test_a_batch_over_the_limits_is_a_clear_error_and_stores_nothing(
-        open_db, monkeypatch: pytest.MonkeyPatch) -> None:
+        open_db: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     db = open_db()
     monkeypatch.setattr(P, "MAX_BATCH_OPS", 10)
     monkeypatch.setattr(P, "MAX_BATCH_BYTES", 1000)

@@ -1,7 +1,7 @@
 """Who leads: handover on close, the socket's life cycle, a LOCK nobody serves, long
 paths, stale sockets, one leader at a time, and who may use the socket.
 
-All processes are workers (tests/workers.py via mp_util); crashes are SIGKILL.
+All processes are workers (tests/workers/, driven through tests/procs.py); crashes are SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import (
+
+import partydbm
+from partydbm import _election
+
+from .procs import (
     DEADLINE,
     Party,
     RemoteError,
     Witness,
     all_replies,
-    decode,
     leaders_of,
 )
-
-import partydbm
-from partydbm import _election
+from .wire import decode
 
 pytestmark = pytest.mark.multiprocess
 
@@ -331,7 +332,7 @@ def test_a_lock_granted_to_a_lockfile_closed_meanwhile_is_dropped_quietly(
     """The race behind a crash of the waiter thread under load: the waiter got the LOCK,
     then release() closed the LockFile (it saw no waiter left) before the callback ran.
     The close gave the lock back; the callback must not touch the closed fd."""
-    from partydbm import _engine
+    from partydbm import _registry
     from partydbm._election import LockFile
 
     path = str(tmp_path / "db")
@@ -342,7 +343,7 @@ def test_a_lock_granted_to_a_lockfile_closed_meanwhile_is_dropped_quietly(
         lockfile.close()
     else:
         lockfile.retire()
-    _engine._lock_acquired(path, lockfile)  # raised ValueError (fd -1) before
+    _registry._lock_acquired(path, lockfile)  # raised ValueError (fd -1) before
     assert lockfile.fd == -1
     with partydbm.open(path, "c") as db:  # the lock really is free
         assert db.is_leader

@@ -13,11 +13,16 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import partydbm
-from partydbm._holder import Holder
+
+from .procs import Holder, Party, RemoteError
+
+# Seams that kill, SIGSTOP, resend delays: timings that a loaded CPU would stretch.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 DEADLINE = 20.0
 
@@ -168,7 +173,7 @@ def test_slow_consumer_with_buffered_entries_resumes_without_duplicates(
     {"reverse": True, "start": b"a", "stop": b"ab", "include_stop": True},
 ])
 def test_resume_does_not_skip_keys_that_extend_the_bookmark(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]) -> None:
     """Predecessor bug 2: reverse resume by byte arithmetic skipped a, aa, aaz... Here
     every page holds one key (every step is a resume) and the leader dies mid-scan."""
     from partydbm import _cursor
@@ -219,9 +224,9 @@ def test_hung_leader_times_out_then_recovers(tmp_path: Path) -> None:
 def test_writes_issued_while_becoming_leader_apply_after_the_ones_in_flight(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Predecessor bug 3: writes issued during self-election overtook queued ones."""
-    from partydbm import _engine
+    from partydbm import _seams
 
-    monkeypatch.setattr(_engine, "_RESEND_DELAY", 0.5)  # slow replay on promotion
+    monkeypatch.setattr(_seams, "resend_delay", 0.5)  # slow replay on promotion
     path = tmp_path / "db"
     a = _leader(path, "before_apply")
     try:
@@ -234,5 +239,65 @@ def test_writes_issued_while_becoming_leader_apply_after_the_ones_in_flight(
             assert not first.is_alive()
             assert db[b"k"] == b"second"
             assert db.is_leader
+    finally:
+        a.close()
+
+
+FAIL_TAKEOVER_ONCE = """
+from partydbm import _engine
+_real_open_db = _engine.open_db
+def _fail_once(path):
+    _engine.open_db = _real_open_db
+    raise partydbm.error(5, "injected: LevelDB would not open")
+_engine.open_db = _fail_once
+"""
+
+
+def test_a_takeover_that_fails_gives_the_lock_back(tmp_path: Path) -> None:
+    """B wins the LOCK when the leader dies but cannot open LevelDB: it must give the
+    LOCK back (it used to keep it, serving nothing, and every other process timed out)
+    and carry on as a follower of whoever leads next."""
+
+
+    path = tmp_path / "db"
+    with Party() as party:
+        a = party.repl(env={"PARTYDBM_CRASH_AT": "before_apply"})
+        b = party.repl()
+        assert a.open(path) == "leader"
+        assert b.open(path) == "follower"
+        b.exec(FAIL_TAKEOVER_ONCE)
+        with pytest.raises(RemoteError) as info:
+            b.exec("db[b'k'] = b'lost with the leader'")  # A dies; B's takeover fails
+        assert info.value.isa("error") and "injected" in info.value.message
+        c = party.repl()
+        # The LOCK was given back: C opens at once, leading, or following B if B took
+        # it again meanwhile (its next try opens LevelDB). It used to time out.
+        assert c.open(path, timeout=5) in ("leader", "follower")
+        b.exec("db[b'k'] = b'v'")
+        assert c.eval("db[b'k']") == b"v"
+        assert [b.eval("db.is_leader"), c.eval("db.is_leader")].count(True) == 1
+
+
+@pytest.mark.parametrize(("call", "answer", "after"), [
+    ("db.pop(b'k')", b"v", {}),
+    ("db.setdefault(b'new', b'd')", b"d", {b"k": b"v", b"new": b"d"}),
+    ("db.compare_and_set(b'k', b'v', b'w')", True, {b"k": b"w"}),
+    ("db.compare_and_set(b'new', None, b'n')", True, {b"k": b"v", b"new": b"n"}),
+    ("db.compare_and_set(b'k', b'v', None)", True, {}),
+])
+def test_a_read_modify_write_applied_by_the_dying_leader_answers_as_it_did(
+        tmp_path: Path, call: str, answer: object, after: dict[bytes, bytes]) -> None:
+    """A applies the request, then dies before answering; T takes over and replays it.
+    Run again it would answer otherwise (the key is gone, or holds the new value): the
+    new leader must give the answer A gave, read from the record of the write."""
+    path = tmp_path / "db"
+    a = _leader(path, "after_apply:2")  # its first write is the put below
+    try:
+        with partydbm.open(path) as db:
+            db[b"k"] = b"v"
+            assert eval(call, {"db": db}) == answer
+            _wait_dead(a)
+            assert db.is_leader
+            assert dict(db.items()) == after
     finally:
         a.close()

@@ -13,12 +13,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import partydbm
-from partydbm._holder import Holder
+
+from .procs import Holder
+
+pytestmark = pytest.mark.multiprocess
 
 KEYS = st.sampled_from([b"", b"\x00", b"\xff", b"a", b"aa", b"ab", b"b", b"k1", b"k2"])
 VALUES = st.binary(max_size=20)
@@ -71,7 +75,7 @@ class FailoverMachine(RuleBasedStateMachine):
     @rule()
     def kill_leader(self) -> None:
         for i, h in enumerate(self.holders):
-            if h.pid == self.db._engine.leader_pid:  # type: ignore[union-attr]
+            if h.pid == self.db._engine.leader_pid:
                 h.kill()
                 h.close()
                 self.holders[i] = Holder()

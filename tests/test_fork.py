@@ -1,6 +1,6 @@
 """Handles inherited through fork (CONTRACT.md "Many processes"; DESIGN.md trap 2).
 
-Each scenario runs inside a worker process (tests/workers.py fork_*), so pytest itself
+Each scenario runs inside a worker process (tests/workers/fork.py), so pytest itself
 never forks while it holds a database; the worker reports one JSON line and the test
 checks it, then reads the database back from a fresh process.
 """
@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mp_util import Party, Worker, clean_exit_stderr, decode, dump
 
-pytestmark = pytest.mark.multiprocess
+from .procs import Party, Worker, clean_exit_stderr, dump
+from .wire import decode
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 
 

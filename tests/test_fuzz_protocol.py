@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 import partydbm
 from partydbm import _protocol as P
 from partydbm._dispatch import Dispatcher, Peer
+from partydbm._routes import LocalRoute
 from partydbm._server import Server
+from partydbm._store import Store
 
 FUZZ = settings(max_examples=400, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -146,6 +148,12 @@ def leader(tmp_path: Path) -> Iterator[partydbm.PartyDBM]:
         db.close()
 
 
+def _store(db: partydbm.PartyDBM) -> Store:
+    route = db._engine.route
+    assert isinstance(route, LocalRoute), "not the leader"
+    return route.store
+
+
 def _stored(db: partydbm.PartyDBM) -> dict[bytes, bytes]:
     return dict(db.items())
 
@@ -154,8 +162,7 @@ def _stored(db: partydbm.PartyDBM) -> dict[bytes, bytes]:
 @given(op=ops, rid=st.integers(1, 2**40), args=st.lists(values, max_size=10))
 def test_dispatch_of_arbitrary_requests_answers_or_raises_a_partydbm_error(
         leader: partydbm.PartyDBM, op: Any, rid: int, args: list[Any]) -> None:
-    backend = leader._engine.backend  # type: ignore[union-attr]
-    dispatcher = Dispatcher(backend)
+    dispatcher = Dispatcher(_store(leader))
     peer = Peer(client=b"fuzz-client")
     before = _stored(leader)
     try:
@@ -177,8 +184,7 @@ def test_dispatch_of_arbitrary_requests_answers_or_raises_a_partydbm_error(
        hello=st.booleans())
 def test_the_servers_request_handler_always_produces_one_well_formed_reply(
         leader: partydbm.PartyDBM, msg: Any, hello: bool) -> None:
-    backend = leader._engine.backend  # type: ignore[union-attr]
-    server = Server(backend, b"\0unused", leader.name)
+    server = Server(_store(leader), "unused", leader.name)  # never started
     peer = Peer(client=b"fuzz-client" if hello else None)
     before = _stored(leader)
     reply, fatal = server._handle(peer, msg, P.pack)
@@ -187,8 +193,10 @@ def test_the_servers_request_handler_always_produces_one_well_formed_reply(
     rid, ok, payload = decoded
     assert rid is None or isinstance(rid, int)
     if ok is False:
-        assert isinstance(payload, list) and len(payload) == 2
-        assert all(isinstance(x, str) for x in payload)
+        assert isinstance(payload, list) and len(payload) in (2, 4)
+        assert all(isinstance(x, str) for x in payload[:2])
+        assert len(payload) == 2 or (type(payload[2]) is int
+                                     and isinstance(payload[3], (str, type(None))))
         assert _stored(leader) == before, "a refused request changed what is stored"
     else:
         assert ok is True and not fatal

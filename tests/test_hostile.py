@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import Raw, is_error, served
-from mp_util import DEADLINE
 
 import partydbm
 from partydbm import _protocol as P
-from partydbm._server import _Conn
+from partydbm._engine import Engine
+from partydbm._passing import Conn
+
+from .hostile import Raw, is_error, served
+from .procs import DEADLINE
 
 MODEL = {b"a": b"1", b"b": b"2", b"big": b"x" * 300_000}
 
@@ -33,7 +35,7 @@ MODEL = {b"a": b"1", b"b": b"2", b"big": b"x" * 300_000}
 def leader(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[partydbm.PartyDBM]:
     """The leader, idle (its serving threads read every request) or busy: one of its
     threads keeps calling the database, so small requests are answered in passing by
-    that thread (_server.Server.poll) and everything else is handed back."""
+    that thread (_passing.Passing.poll) and everything else is handed back."""
     db = partydbm.open(tmp_path / "db")
     assert db.is_leader
     db.update(MODEL)
@@ -170,7 +172,8 @@ def test_unknown_operation_is_named_in_the_error(leader: partydbm.PartyDBM) -> N
     assert reply[0] == 5 and "unknown operation 77" in reply[2][1]
 
 
-@pytest.mark.parametrize("version", [0, 2, P.VERSION + 100, "1", None, [1]])
+@pytest.mark.parametrize("version", [0, P.VERSION - 1, P.VERSION + 1, P.VERSION + 100, "1",
+                                     None, [1]])
 def test_wrong_protocol_version_is_refused_with_the_version_named(
         leader: partydbm.PartyDBM, version: Any) -> None:
     raw = Raw(leader.name)
@@ -356,11 +359,12 @@ def test_nothing_is_read_in_passing_while_the_connections_thread_has_work(
     """What an application thread handed back (a bad frame, requests, unsent replies, the
     end) is the connection's own thread's: bytes after it, as after a bad frame, must
     not be read and answered in passing before it."""
+    assert isinstance(leader._engine, Engine)
     server = leader._engine.server
     assert server is not None
     mine, theirs = socket.socketpair()
     try:
-        conn = _Conn(mine)
+        conn = Conn(mine)
         conn.peer.client = b"client"
         handed = {"bad": ("bad", P.DecodeError("undecodable frame")),
                   "msgs": ("msgs", [[P.GET, 1, b"a"]]), "outbox": ("outbox", b"\x90"),
@@ -368,11 +372,11 @@ def test_nothing_is_read_in_passing_while_the_connections_thread_has_work(
         setattr(conn, *handed)
         waiting = P.pack([P.GET, 2, b"b"])
         theirs.send(waiting)
-        before = server.in_passing
-        server._answer_in_passing(conn)
+        before = server.passing.answered
+        server.passing._answer(conn)
         assert mine.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) == waiting
         assert getattr(conn, handed[0]) is handed[1]
-        assert server.in_passing == before
+        assert server.passing.answered == before
         assert conn.wake.is_set()  # its thread is told
     finally:
         mine.close()

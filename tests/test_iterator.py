@@ -10,6 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .conftest import Opener
+
 
 def model_scan(model: dict[bytes, bytes], start: bytes | None = None,
                stop: bytes | None = None, prefix: bytes | None = None, reverse: bool = False,
@@ -46,14 +48,15 @@ ABC = {b"a": b"1", b"b": b"2", b"c": b"3"}
     ({"prefix": b"c"}, [(b"c", b"3")]),
     ({"start": b"b", "stop": b"b", "include_stop": True}, [(b"b", b"2")]),
 ])
-def test_a_reverse_range_with_exactly_one_key_yields_it(open_db, kwargs, expect) -> None:
+def test_a_reverse_range_with_exactly_one_key_yields_it(
+        open_db: Opener, kwargs: dict[str, Any], expect: list[tuple[bytes, bytes]]) -> None:
     db = open_db()
     db.update(ABC)
     assert list(db.iterator(reverse=True, **kwargs)) == expect
     assert list(db.iterator(reverse=False, **kwargs)) == expect
 
 
-def test_reverse_over_a_database_of_one_key(open_db) -> None:
+def test_reverse_over_a_database_of_one_key(open_db: Opener) -> None:
     db = open_db()
     db[b"only"] = b"v"
     assert list(db.iterator(reverse=True)) == [(b"only", b"v")]
@@ -99,7 +102,8 @@ CASES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("case", CASES, ids=[repr(c) for c in CASES])
-def test_iterator_range_matches_the_model(open_db, case: dict[str, Any], reverse: bool) -> None:
+def test_iterator_range_matches_the_model(open_db: Opener, case: dict[str, Any],
+                                          reverse: bool) -> None:
     db = open_db()
     db.update(MODEL)
     assert list(db.iterator(reverse=reverse, **case)) == model_scan(MODEL, reverse=reverse,
@@ -107,7 +111,8 @@ def test_iterator_range_matches_the_model(open_db, case: dict[str, Any], reverse
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_iterator_include_key_and_include_value_shape_the_output(open_db, reverse) -> None:
+def test_iterator_include_key_and_include_value_shape_the_output(open_db: Opener,
+                                                                  reverse: bool) -> None:
     db = open_db()
     db.update(MODEL)
     keys = list(db.iterator(reverse=reverse, include_value=False))
@@ -119,7 +124,7 @@ def test_iterator_include_key_and_include_value_shape_the_output(open_db, revers
         model_scan(MODEL, prefix=b"a", reverse=reverse, include_value=False)
 
 
-def test_iterator_takes_str_bounds_as_utf8(open_db) -> None:
+def test_iterator_takes_str_bounds_as_utf8(open_db: Opener) -> None:
     db = open_db()
     db.update({"é": "1", "ea": "2", "f": "3"})
     assert list(db.iterator(start="ea", stop="é")) == [(b"ea", b"2"), (b"f", b"3")]
@@ -130,14 +135,15 @@ def test_iterator_takes_str_bounds_as_utf8(open_db) -> None:
 
 @pytest.mark.parametrize("bounds", [{"start": b"a"}, {"stop": b"b"},
                                     {"start": b"a", "stop": b"b"}, {"start": b""}])
-def test_prefix_combined_with_start_or_stop_raises_TypeError(open_db, bounds) -> None:
+def test_prefix_combined_with_start_or_stop_raises_TypeError(open_db: Opener,
+                                                             bounds: dict[str, Any]) -> None:
     db = open_db()
     db.update(ABC)
     with pytest.raises(TypeError):
         list(db.iterator(prefix=b"a", **bounds))
 
 
-def test_iterator_on_an_empty_database_yields_nothing(open_db) -> None:
+def test_iterator_on_an_empty_database_yields_nothing(open_db: Opener) -> None:
     db = open_db()
     for reverse in (False, True):
         assert list(db.iterator(reverse=reverse)) == []
@@ -146,7 +152,8 @@ def test_iterator_on_an_empty_database_yields_nothing(open_db) -> None:
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_iterator_over_many_keys_pages_without_loss_or_repeat(open_db, reverse) -> None:
+def test_iterator_over_many_keys_pages_without_loss_or_repeat(open_db: Opener,
+                                                               reverse: bool) -> None:
     db = open_db()
     rnd = random.Random(5)
     model = {rnd.randbytes(rnd.randrange(1, 5)): rnd.randbytes(rnd.randrange(0, 5))
@@ -156,7 +163,7 @@ def test_iterator_over_many_keys_pages_without_loss_or_repeat(open_db, reverse) 
     lo, hi = sorted(rnd.sample(sorted(model), 2))
     for inc_start in (False, True):
         for inc_stop in (False, True):
-            kw = {"start": lo, "stop": hi, "include_start": inc_start,
+            kw: dict[str, Any] = {"start": lo, "stop": hi, "include_start": inc_start,
                   "include_stop": inc_stop}
             assert list(db.iterator(reverse=reverse, **kw)) == model_scan(
                 model, reverse=reverse, **kw)
@@ -165,7 +172,7 @@ def test_iterator_over_many_keys_pages_without_loss_or_repeat(open_db, reverse) 
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_iterator_over_large_values_pages_by_size(open_db, reverse) -> None:
+def test_iterator_over_large_values_pages_by_size(open_db: Opener, reverse: bool) -> None:
     db = open_db()
     rnd = random.Random(6)
     model = {b"%03d" % i: rnd.randbytes(100_000) for i in range(12)}
@@ -175,7 +182,7 @@ def test_iterator_over_large_values_pages_by_size(open_db, reverse) -> None:
         model, reverse=reverse, include_key=False)
 
 
-def test_breaking_off_an_iteration_leaves_the_handle_usable(open_db) -> None:
+def test_breaking_off_an_iteration_leaves_the_handle_usable(open_db: Opener) -> None:
     db = open_db()
     db.update({b"%04d" % i: b"v" for i in range(3000)})
     for reverse in (False, True):
@@ -215,7 +222,8 @@ def scans(draw: st.DrawFn) -> dict[str, Any]:
                                  HealthCheck.too_slow])
 @given(model=st.dictionaries(byte_keys, st.binary(max_size=3), max_size=24),
        queries=st.lists(scans(), min_size=1, max_size=6))
-def test_iterator_matches_the_model_for_any_keys_and_range(open_db, model, queries) -> None:
+def test_iterator_matches_the_model_for_any_keys_and_range(
+        open_db: Opener, model: dict[bytes, bytes], queries: list[dict[str, Any]]) -> None:
     db = open_db.shared()
     db.clear()
     db.update(model)
@@ -223,7 +231,7 @@ def test_iterator_matches_the_model_for_any_keys_and_range(open_db, model, queri
         assert list(db.iterator(**kw)) == model_scan(model, **kw), kw
 
 
-def test_bad_iterator_arguments_raise_when_the_iterator_is_made(open_db) -> None:
+def test_bad_iterator_arguments_raise_when_the_iterator_is_made(open_db: Opener) -> None:
     # As plyvel: the call itself raises, not the first next().
     db = open_db()
     for kw in ({"start": 1}, {"stop": 2.0}, {"prefix": object()},
@@ -233,7 +241,7 @@ def test_bad_iterator_arguments_raise_when_the_iterator_is_made(open_db) -> None
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_writing_while_iterating_keeps_order_and_uniqueness(open_db, reverse) -> None:
+def test_writing_while_iterating_keeps_order_and_uniqueness(open_db: Opener, reverse: bool) -> None:
     # Not a snapshot: keys written behind or ahead may or may not show up, but every
     # key that stays put is yielded exactly once, and always in order.
     db = open_db()

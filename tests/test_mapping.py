@@ -8,12 +8,16 @@ import collections.abc
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import partydbm
+
+from .conftest import Opener, PlyvelProbe
+from .procs import Holder
 
 CLOSED = "DBM object has already been closed"
 ODD_KEYS = [b"", b"\x00", b"\x00\x00", b"a\x00b", b"a", b"a\xff", b"ab", b"\xff", b"\xff\xff",
@@ -34,20 +38,21 @@ def fill(db: partydbm.PartyDBM, n: int = 50, seed: int = 0) -> dict[bytes, bytes
 
 
 # -- keys and values -------------------------------------------------------------------------
-def test_str_keys_and_values_are_stored_as_utf8(open_db) -> None:
+def test_str_keys_and_values_are_stored_as_utf8(open_db: Opener) -> None:
     db = open_db()
     db["clé ☃"] = "valeur ü"
     assert db["clé ☃".encode()] == "valeur ü".encode()
     assert db["clé ☃"] == "valeur ü".encode()
     assert db.keys() == ["clé ☃".encode()]
-    assert "clé ☃" in db and "clé ☃".encode() in db
+    assert "clé ☃" in db and "clé ☃".encode() in db  # type: ignore[comparison-overlap]
     del db["clé ☃"]
     assert len(db) == 0
 
 
 @pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview],
                          ids=["bytes", "bytearray", "memoryview"])
-def test_bytes_like_keys_and_values_are_taken_as_bytes(open_db, wrap: Callable) -> None:
+def test_bytes_like_keys_and_values_are_taken_as_bytes(open_db: Opener, wrap: Callable[[bytes], Any]
+                                                       ) -> None:
     db = open_db()
     db[wrap(b"key")] = wrap(b"value")
     assert db[b"key"] == b"value"
@@ -66,14 +71,14 @@ def test_bytes_like_keys_and_values_are_taken_as_bytes(open_db, wrap: Callable) 
     assert len(db) == 0
 
 
-def test_a_memoryview_slice_is_taken_for_its_bytes_only(open_db) -> None:
+def test_a_memoryview_slice_is_taken_for_its_bytes_only(open_db: Opener) -> None:
     db = open_db()
     buf = memoryview(b"xxKEYxx")[2:5]
     db[buf] = memoryview(b"__VAL__")[2:5]
     assert contents(db) == {b"KEY": b"VAL"}
 
 
-def test_reads_always_return_bytes(open_db) -> None:
+def test_reads_always_return_bytes(open_db: Opener) -> None:
     db = open_db()
     db["k"] = bytearray(b"v")
     db[bytearray(b"k2")] = memoryview(b"v2")
@@ -98,7 +103,7 @@ BAD_IDS = ["int", "None", "float", "object", "list", "tuple", "bool"]
 
 
 @pytest.mark.parametrize("bad", BAD, ids=BAD_IDS)
-def test_keys_of_other_types_raise_TypeError(open_db, bad: Any) -> None:
+def test_keys_of_other_types_raise_TypeError(open_db: Opener, bad: Any) -> None:
     db = open_db()
     db[b"a"] = b"1"
     ops: list[Callable[[], Any]] = [
@@ -133,7 +138,7 @@ def test_keys_of_other_types_raise_TypeError(open_db, bad: Any) -> None:
 
 
 @pytest.mark.parametrize("bad", BAD, ids=BAD_IDS)
-def test_values_of_other_types_raise_TypeError(open_db, bad: Any) -> None:
+def test_values_of_other_types_raise_TypeError(open_db: Opener, bad: Any) -> None:
     db = open_db()
     ops: list[Callable[[], Any]] = [
         lambda: db.__setitem__(b"k", bad),
@@ -151,10 +156,10 @@ def test_values_of_other_types_raise_TypeError(open_db, bad: Any) -> None:
     assert contents(db) == {}
 
 
-def test_empty_key_and_empty_value(open_db) -> None:
+def test_empty_key_and_empty_value(open_db: Opener) -> None:
     db = open_db()
     db[b""] = b""
-    assert b"" in db and "" in db
+    assert b"" in db and "" in db  # type: ignore[comparison-overlap]
     assert db[b""] == b""
     assert db.get(b"") == b""
     assert len(db) == 1 and bool(db)
@@ -169,7 +174,7 @@ def test_empty_key_and_empty_value(open_db) -> None:
     assert contents(db) == {b"a": b""}
 
 
-def test_keys_and_values_with_nul_and_ff_bytes(open_db) -> None:
+def test_keys_and_values_with_nul_and_ff_bytes(open_db: Opener) -> None:
     db = open_db()
     model = {k: b"\x00\xff" + k + b"\xff\x00" for k in ODD_KEYS}
     for k, v in model.items():
@@ -182,7 +187,7 @@ def test_keys_and_values_with_nul_and_ff_bytes(open_db) -> None:
     assert b"a\x00" not in db and b"\x00\x00\x00" not in db
 
 
-def test_large_values_round_trip(open_db) -> None:
+def test_large_values_round_trip(open_db: Opener) -> None:
     db = open_db()
     rnd = random.Random(1)
     model = {b"big%d" % i: rnd.randbytes((1 << 20) + i) for i in range(3)}
@@ -196,7 +201,7 @@ def test_large_values_round_trip(open_db) -> None:
     assert list(db.iterator(reverse=True)) == sorted(model.items(), reverse=True)
 
 
-def test_a_large_key_round_trips(open_db) -> None:
+def test_a_large_key_round_trips(open_db: Opener) -> None:
     db = open_db()
     key = bytes(range(256)) * 256  # 64 KiB
     db[key] = b"v"
@@ -205,7 +210,7 @@ def test_a_large_key_round_trips(open_db) -> None:
 
 
 # -- the mapping surface ---------------------------------------------------------------------
-def test_handle_is_a_MutableMapping(open_db) -> None:
+def test_handle_is_a_MutableMapping(open_db: Opener) -> None:
     assert isinstance(open_db(), collections.abc.MutableMapping)
 
 
@@ -225,7 +230,7 @@ def _write_or_delete(db: partydbm.PartyDBM, model: dict[bytes, bytes], k: bytes,
             del db[k]
 
 
-def test_getitem_setitem_delitem_contains_against_a_model(open_db) -> None:
+def test_getitem_setitem_delitem_contains_against_a_model(open_db: Opener) -> None:
     db = open_db()
     rnd = random.Random(2)
     model: dict[bytes, bytes] = {}
@@ -244,7 +249,7 @@ def test_getitem_setitem_delitem_contains_against_a_model(open_db) -> None:
     assert len(db) == len(model)
 
 
-def test_missing_key_raises_KeyError_naming_it(open_db) -> None:
+def test_missing_key_raises_KeyError_naming_it(open_db: Opener) -> None:
     db = open_db()
     db[b"a"] = b"1"
     with pytest.raises(KeyError) as info:
@@ -256,14 +261,14 @@ def test_missing_key_raises_KeyError_naming_it(open_db) -> None:
     assert contents(db) == {b"a": b"1"}
 
 
-def test_setitem_overwrites(open_db) -> None:
+def test_setitem_overwrites(open_db: Opener) -> None:
     db = open_db()
     db[b"k"] = b"1"
     db[b"k"] = b"22"
     assert db[b"k"] == b"22" and len(db) == 1
 
 
-def test_len_and_bool(open_db) -> None:
+def test_len_and_bool(open_db: Opener) -> None:
     db = open_db()
     assert len(db) == 0 and not db and bool(db) is False
     db[b"a"] = b"1"
@@ -275,7 +280,7 @@ def test_len_and_bool(open_db) -> None:
     assert len(db) == 0 and bool(db) is False
 
 
-def test_iteration_and_keys_are_in_bytewise_order(open_db) -> None:
+def test_iteration_and_keys_are_in_bytewise_order(open_db: Opener) -> None:
     db = open_db()
     model = fill(db, 300)
     expect = sorted(model)
@@ -287,7 +292,7 @@ def test_iteration_and_keys_are_in_bytewise_order(open_db) -> None:
     assert list(db.values()) == [model[k] for k in expect]
 
 
-def test_items_and_values_views(open_db) -> None:
+def test_items_and_values_views(open_db: Opener) -> None:
     db = open_db()
     db.update({b"a": b"1", b"b": b"2"})
     items = db.items()
@@ -300,7 +305,7 @@ def test_items_and_values_views(open_db) -> None:
     assert list(items) == [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]
 
 
-def test_get(open_db) -> None:
+def test_get(open_db: Opener) -> None:
     db = open_db()
     db[b"k"] = b"v"
     assert db.get(b"k") == b"v"
@@ -310,7 +315,7 @@ def test_get(open_db) -> None:
     assert db.get(b"missing", 42) == 42
 
 
-def test_setdefault(open_db) -> None:
+def test_setdefault(open_db: Opener) -> None:
     db = open_db()
     assert db.setdefault(b"k", b"first") == b"first"
     assert db[b"k"] == b"first"
@@ -319,7 +324,7 @@ def test_setdefault(open_db) -> None:
     assert contents(db) == {b"k": b"first"}
 
 
-def test_setdefault_on_a_missing_key_returns_the_stored_bytes(open_db) -> None:
+def test_setdefault_on_a_missing_key_returns_the_stored_bytes(open_db: Opener) -> None:
     db = open_db()
     got = [db.setdefault("s", "x"), db.setdefault(b"b", bytearray(b"y")),
            db.setdefault(b"m", memoryview(b"z"))]
@@ -328,7 +333,7 @@ def test_setdefault_on_a_missing_key_returns_the_stored_bytes(open_db) -> None:
     assert got == [b"x", b"y", b"z"]
 
 
-def test_pop(open_db) -> None:
+def test_pop(open_db: Opener) -> None:
     db = open_db()
     db.update({b"a": b"1", b"b": b"2"})
     assert db.pop(b"a") == b"1"
@@ -340,7 +345,34 @@ def test_pop(open_db) -> None:
     assert contents(db) == {}
 
 
-def test_popitem_removes_and_returns_pairs_until_KeyError(open_db) -> None:
+def test_compare_and_set_sets_inserts_and_deletes_only_on_a_match(open_db: Opener) -> None:
+    db = open_db()
+    assert db.compare_and_set(b"k", None, b"1") is True  # None expected: absent
+    assert db.compare_and_set(b"k", None, b"2") is False
+    assert db.compare_and_set(b"k", b"0", b"2") is False
+    assert db[b"k"] == b"1"
+    assert db.compare_and_set("k", "1", bytearray(b"2")) is True  # any bytes-like
+    assert db[b"k"] == b"2"
+    assert db.compare_and_set(b"k", b"2", None) is True  # None new: delete
+    assert b"k" not in db
+    assert db.compare_and_set(b"k", b"2", None) is False
+    assert db.compare_and_set(b"gone", None, None) is True  # absent stays absent
+    assert contents(db) == {}
+
+
+def test_compare_and_set_checks_types_and_limits_like_a_put(open_db: Opener) -> None:
+    db = open_db()
+    with pytest.raises(TypeError):
+        db.compare_and_set(b"k", None, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        db.compare_and_set(b"k", 1, b"v")  # type: ignore[arg-type]
+    with pytest.raises(partydbm.error) as info:
+        db.compare_and_set(b"k", None, b"x" * (partydbm._protocol.MAX_VALUE + 1))
+    assert "MAX_VALUE" in str(info.value)
+    assert contents(db) == {}
+
+
+def test_popitem_removes_and_returns_pairs_until_KeyError(open_db: Opener) -> None:
     db = open_db()
     model = fill(db, 20)
     while model:
@@ -352,7 +384,7 @@ def test_popitem_removes_and_returns_pairs_until_KeyError(open_db) -> None:
         db.popitem()
 
 
-def test_update_from_mapping_pairs_keys_object_and_kwargs(open_db) -> None:
+def test_update_from_mapping_pairs_keys_object_and_kwargs(open_db: Opener) -> None:
     db = open_db()
     db.update({b"a": b"1", "b": "2"})
     db.update([(b"c", b"3"), ("d", bytearray(b"4"))])
@@ -376,7 +408,7 @@ def test_update_from_mapping_pairs_keys_object_and_kwargs(open_db) -> None:
                             b"j": b"10"}
 
 
-def test_update_from_another_handle(open_db, tmp_path) -> None:
+def test_update_from_another_handle(open_db: Opener, tmp_path: Path) -> None:
     db = open_db()
     with partydbm.open(tmp_path / "other", "c") as other:
         model = fill(other, 30)
@@ -384,7 +416,7 @@ def test_update_from_another_handle(open_db, tmp_path) -> None:
     assert contents(db) == model
 
 
-def test_update_with_many_items(open_db) -> None:
+def test_update_with_many_items(open_db: Opener) -> None:
     db = open_db()
     model = {b"%06d" % i: b"v%d" % i for i in range(10_000)}
     db.update(model)
@@ -392,11 +424,11 @@ def test_update_with_many_items(open_db) -> None:
     assert contents(db) == model
 
 
-def test_get_many_returns_values_in_order_with_default_for_missing(open_db) -> None:
+def test_get_many_returns_values_in_order_with_default_for_missing(open_db: Opener) -> None:
     db = open_db()
     model = fill(db, 40, seed=3)
     rnd = random.Random(4)
-    wanted = [*model, b"missing", *ODD_KEYS, "str key"]
+    wanted: list[bytes | str] = [*model, b"missing", *ODD_KEYS, "str key"]
     rnd.shuffle(wanted)
     expected = [model.get(k if isinstance(k, bytes) else k.encode(), "dflt") for k in wanted]
     assert db.get_many(wanted, "dflt") == expected
@@ -404,7 +436,7 @@ def test_get_many_returns_values_in_order_with_default_for_missing(open_db) -> N
     assert db.get_many(iter([b"missing"])) == [None]
 
 
-def test_get_many_spans_several_requests(open_db) -> None:
+def test_get_many_spans_several_requests(open_db: Opener) -> None:
     db = open_db()
     model = {b"%06d" % i: b"v%d" % i for i in range(10_000)}
     db.update(model)
@@ -413,16 +445,16 @@ def test_get_many_spans_several_requests(open_db) -> None:
     assert values == [model.get(k) for k in keys]
 
 
-def test_get_many_rejects_bad_keys_and_closed_handles(open_db) -> None:
+def test_get_many_rejects_bad_keys_and_closed_handles(open_db: Opener) -> None:
     db = open_db()
     with pytest.raises(TypeError):
-        db.get_many([b"a", 3])
+        db.get_many([b"a", 3])  # type: ignore[list-item]
     db.close()
     with pytest.raises(partydbm.error, match=CLOSED):
         db.get_many([b"a"])
 
 
-def test_update_of_big_values_spans_batches_under_the_batch_limit(open_db) -> None:
+def test_update_of_big_values_spans_batches_under_the_batch_limit(open_db: Opener) -> None:
     """4096 values of 40 kB are 160 MB, over MAX_BATCH_BYTES: update() must cut its
     chunks by bytes too, not fail on pairs that are each within the limits."""
     db = open_db()
@@ -432,10 +464,10 @@ def test_update_of_big_values_spans_batches_under_the_batch_limit(open_db) -> No
     assert db[b"04095"] == value
 
 
-def test_update_stores_the_pairs_before_a_failing_source_as_dict_does(open_db) -> None:
+def test_update_stores_the_pairs_before_a_failing_source_as_dict_does(open_db: Opener) -> None:
     db = open_db()
 
-    def pairs():
+    def pairs() -> Iterator[tuple[bytes, bytes]]:
         yield b"a", b"1"
         yield b"b", b"2"
         raise RuntimeError("source broke")
@@ -447,7 +479,7 @@ def test_update_stores_the_pairs_before_a_failing_source_as_dict_does(open_db) -
     assert contents(db) == {b"a": b"1", b"b": b"2", b"c": b"3"}
 
 
-def test_update_with_a_malformed_pair_raises(open_db) -> None:
+def test_update_with_a_malformed_pair_raises(open_db: Opener) -> None:
     db = open_db()
     with pytest.raises((TypeError, ValueError)):
         db.update([(b"a", b"1", b"extra")])
@@ -455,7 +487,7 @@ def test_update_with_a_malformed_pair_raises(open_db) -> None:
         db.update([b"ab"])  # bytes of length 2 unpack into two ints
 
 
-def test_clear_removes_everything_and_the_handle_keeps_working(open_db) -> None:
+def test_clear_removes_everything_and_the_handle_keeps_working(open_db: Opener) -> None:
     db = open_db()
     fill(db, 200)
     db.clear()
@@ -465,7 +497,7 @@ def test_clear_removes_everything_and_the_handle_keeps_working(open_db) -> None:
     assert contents(db) == {b"k": b"v"}
 
 
-def test_firstkey_nextkey_walk_every_key_in_order_then_None(open_db) -> None:
+def test_firstkey_nextkey_walk_every_key_in_order_then_None(open_db: Opener) -> None:
     db = open_db()
     assert db.firstkey() is None
     model = fill(db, 60)
@@ -473,23 +505,23 @@ def test_firstkey_nextkey_walk_every_key_in_order_then_None(open_db) -> None:
         db[k] = b"x"
         model[k] = b"x"
     walked = []
-    k = db.firstkey()
-    while k is not None:
-        walked.append(k)
-        k = db.nextkey(k)
+    key = db.firstkey()
+    while key is not None:
+        walked.append(key)
+        key = db.nextkey(key)
     assert walked == sorted(model)
     assert db.nextkey(walked[-1]) is None
 
 
 # -- sync, reorganize ------------------------------------------------------------------------
-def test_sync_leaves_content_unchanged(open_db) -> None:
+def test_sync_leaves_content_unchanged(open_db: Opener) -> None:
     db = open_db()
     model = fill(db)
-    assert db.sync() is None
+    assert db.sync() is None  # type: ignore[func-returns-value]  # dbm's API
     assert contents(db) == model
 
 
-def test_sync_flag_s_writes_are_readable(open_db) -> None:
+def test_sync_flag_s_writes_are_readable(open_db: Opener) -> None:
     db = open_db("cs")
     model = fill(db, 20)
     del db[next(iter(model))]
@@ -497,21 +529,21 @@ def test_sync_flag_s_writes_are_readable(open_db) -> None:
     assert contents(db) == model
 
 
-def test_reorganize_leaves_content_unchanged(open_db) -> None:
+def test_reorganize_leaves_content_unchanged(open_db: Opener) -> None:
     db = open_db()
     model = {b"%05d" % i: os.urandom(100) for i in range(2000)}
     db.update(model)
     for k in list(model)[::2]:
         del db[k]
         del model[k]
-    assert db.reorganize() is None
+    assert db.reorganize() is None  # type: ignore[func-returns-value]
     assert contents(db) == model
     db[b"after"] = b"1"
     assert db[b"after"] == b"1"
 
 
 # -- close -----------------------------------------------------------------------------------
-def test_close_is_idempotent(open_db) -> None:
+def test_close_is_idempotent(open_db: Opener) -> None:
     db = open_db()
     db.close()
     db.close()
@@ -519,7 +551,7 @@ def test_close_is_idempotent(open_db) -> None:
         len(db)
 
 
-def test_with_returns_the_handle_and_closes_it(open_db) -> None:
+def test_with_returns_the_handle_and_closes_it(open_db: Opener) -> None:
     with open_db() as db:
         assert isinstance(db, partydbm.PartyDBM)
         db[b"k"] = b"v"
@@ -529,7 +561,7 @@ def test_with_returns_the_handle_and_closes_it(open_db) -> None:
         assert contents(again) == {b"k": b"v"}
 
 
-def test_with_closes_even_when_the_block_raises(open_db) -> None:
+def test_with_closes_even_when_the_block_raises(open_db: Opener) -> None:
     with pytest.raises(RuntimeError), open_db() as db:
         db[b"k"] = b"v"
         raise RuntimeError("boom")
@@ -559,6 +591,7 @@ AFTER_CLOSE: dict[str, Callable[[partydbm.PartyDBM], Any]] = {
     "pop": lambda db: db.pop(b"a"),
     "pop default": lambda db: db.pop(b"missing", b"d"),
     "popitem": lambda db: db.popitem(),
+    "compare_and_set": lambda db: db.compare_and_set(b"a", b"1", b"2"),
     "update": lambda db: db.update({b"b": b"2"}),
     "update kwargs": lambda db: db.update(b="2"),
     "clear": lambda db: db.clear(),
@@ -579,7 +612,8 @@ AFTER_CLOSE: dict[str, Callable[[partydbm.PartyDBM], Any]] = {
 
 @pytest.mark.parametrize("flag", ["c", "r"])
 @pytest.mark.parametrize("op", list(AFTER_CLOSE), ids=list(AFTER_CLOSE))
-def test_every_operation_after_close_raises_ClosedError(open_db, op: str, flag: str) -> None:
+def test_every_operation_after_close_raises_ClosedError(open_db: Opener, op: str,
+                                                        flag: str) -> None:
     seed = open_db()
     seed[b"a"] = b"1"
     db = open_db(flag)
@@ -607,7 +641,7 @@ ITERATORS: dict[str, Callable[[partydbm.PartyDBM], Any]] = {
 @pytest.mark.parametrize("started", [False, True], ids=["fresh", "started"])
 @pytest.mark.parametrize("make", list(ITERATORS), ids=list(ITERATORS))
 def test_advancing_an_iterator_made_before_close_raises_ClosedError(
-        open_db, make: str, started: bool) -> None:
+        open_db: Opener, make: str, started: bool) -> None:
     db = open_db()
     db.update({b"%d" % i: b"v" for i in range(100, 200)})
     it = ITERATORS[make](db)
@@ -619,7 +653,7 @@ def test_advancing_an_iterator_made_before_close_raises_ClosedError(
     assert str(info.value) == CLOSED
 
 
-def test_a_write_batch_made_before_close_raises_ClosedError_on_exit(open_db) -> None:
+def test_a_write_batch_made_before_close_raises_ClosedError_on_exit(open_db: Opener) -> None:
     other = open_db()
     db = open_db()
     with pytest.raises(partydbm.ClosedError) as info, db.write_batch() as wb:
@@ -629,7 +663,7 @@ def test_a_write_batch_made_before_close_raises_ClosedError_on_exit(open_db) -> 
     assert contents(other) == {}
 
 
-def test_closing_one_handle_leaves_the_others_iterators_working(open_db) -> None:
+def test_closing_one_handle_leaves_the_others_iterators_working(open_db: Opener) -> None:
     a = open_db()
     b = open_db()
     model = {b"%04d" % i: b"v" for i in range(100)}
@@ -654,7 +688,7 @@ def _open_fds() -> set[tuple[str, str]]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
-def test_closing_the_last_handle_releases_every_file_descriptor(open_db) -> None:
+def test_closing_the_last_handle_releases_every_file_descriptor(open_db: Opener) -> None:
     before = _open_fds()
     db = open_db()
     fill(db, 100)
@@ -678,6 +712,8 @@ WRITES: dict[str, Callable[[partydbm.PartyDBM], Any]] = {
     "pop": lambda db: db.pop(b"a"),
     "pop with default": lambda db: db.pop(b"a", b"d"),
     "popitem": lambda db: db.popitem(),
+    "compare_and_set": lambda db: db.compare_and_set(b"a", b"1", b"2"),
+    "compare_and_set failing": lambda db: db.compare_and_set(b"a", b"other", b"2"),
     "update mapping": lambda db: db.update({b"new": b"1"}),
     "update pairs": lambda db: db.update([(b"new", b"1")]),
     "update kwargs": lambda db: db.update(new=b"1"),
@@ -690,7 +726,7 @@ WRITES: dict[str, Callable[[partydbm.PartyDBM], Any]] = {
 
 @pytest.mark.parametrize("flag", ["r", "rf", "rs", "ru"])
 @pytest.mark.parametrize("op", list(WRITES), ids=list(WRITES))
-def test_every_write_on_a_read_only_handle_raises_ReadOnlyError(open_db, op: str,
+def test_every_write_on_a_read_only_handle_raises_ReadOnlyError(open_db: Opener, op: str,
                                                                 flag: str) -> None:
     writer = open_db()
     model = {b"a": b"1", b"b": b"2"}
@@ -703,7 +739,7 @@ def test_every_write_on_a_read_only_handle_raises_ReadOnlyError(open_db, op: str
     assert contents(db) == model  # and the handle still reads
 
 
-def test_reads_work_on_a_read_only_handle_and_see_other_handles_writes(open_db) -> None:
+def test_reads_work_on_a_read_only_handle_and_see_other_handles_writes(open_db: Opener) -> None:
     writer = open_db()
     writer.update({b"a": b"1", b"b": b"2"})
     db = open_db("r")
@@ -726,7 +762,7 @@ def test_reads_work_on_a_read_only_handle_and_see_other_handles_writes(open_db) 
 
 
 # -- write_batch -----------------------------------------------------------------------------
-def test_write_batch_applies_everything_on_exit_and_nothing_before(open_db) -> None:
+def test_write_batch_applies_everything_on_exit_and_nothing_before(open_db: Opener) -> None:
     db = open_db()
     db.update({b"old": b"1", b"gone": b"2"})
     with db.write_batch() as wb:
@@ -738,7 +774,7 @@ def test_write_batch_applies_everything_on_exit_and_nothing_before(open_db) -> N
     assert contents(db) == {b"old": b"updated", b"new": b"n", b"str": b"s"}
 
 
-def test_write_batch_applies_nothing_if_the_block_raises(open_db) -> None:
+def test_write_batch_applies_nothing_if_the_block_raises(open_db: Opener) -> None:
     db = open_db()
     db.update({b"a": b"1"})
     with pytest.raises(RuntimeError, match="boom"), db.write_batch() as wb:
@@ -748,7 +784,7 @@ def test_write_batch_applies_nothing_if_the_block_raises(open_db) -> None:
     assert contents(db) == {b"a": b"1"}
 
 
-def test_write_batch_delete_of_a_missing_key_is_fine(open_db) -> None:
+def test_write_batch_delete_of_a_missing_key_is_fine(open_db: Opener) -> None:
     db = open_db()
     db[b"a"] = b"1"
     with db.write_batch() as wb:
@@ -757,7 +793,7 @@ def test_write_batch_delete_of_a_missing_key_is_fine(open_db) -> None:
     assert contents(db) == {b"a": b"1", b"b": b"2"}
 
 
-def test_write_batch_applies_operations_in_the_order_given(open_db) -> None:
+def test_write_batch_applies_operations_in_the_order_given(open_db: Opener) -> None:
     db = open_db()
     with db.write_batch() as wb:
         wb.put(b"k1", b"v")
@@ -769,7 +805,7 @@ def test_write_batch_applies_operations_in_the_order_given(open_db) -> None:
     assert contents(db) == {b"k2": b"v", b"k3": b"second"}
 
 
-def test_an_empty_write_batch_changes_nothing(open_db) -> None:
+def test_an_empty_write_batch_changes_nothing(open_db: Opener) -> None:
     db = open_db()
     db[b"a"] = b"1"
     with db.write_batch():
@@ -777,7 +813,7 @@ def test_an_empty_write_batch_changes_nothing(open_db) -> None:
     assert contents(db) == {b"a": b"1"}
 
 
-def test_a_large_write_batch_applies_whole(open_db) -> None:
+def test_a_large_write_batch_applies_whole(open_db: Opener) -> None:
     db = open_db()
     model = {b"%05d" % i: os.urandom(64) for i in range(20_000)}
     with db.write_batch() as wb:
@@ -789,7 +825,7 @@ def test_a_large_write_batch_applies_whole(open_db) -> None:
 
 # -- one path opened twice in one process ----------------------------------------------------
 def test_two_handles_on_one_path_share_data_and_closing_one_keeps_the_lock(
-        open_db, role: str, plyvel_can_open) -> None:
+        open_db: Opener, role: str, plyvel_can_open: PlyvelProbe) -> None:
     a = open_db()
     b = open_db()
     a[b"k"] = b"v"
@@ -805,8 +841,8 @@ def test_two_handles_on_one_path_share_data_and_closing_one_keeps_the_lock(
         assert plyvel_can_open(open_db.path)
 
 
-def test_a_path_and_a_symlink_to_it_share_one_engine(open_db, role: str, tmp_path,
-                                                     plyvel_can_open) -> None:
+def test_a_path_and_a_symlink_to_it_share_one_engine(open_db: Opener, role: str, tmp_path: Path,
+                                                     plyvel_can_open: PlyvelProbe) -> None:
     a = open_db()
     link = tmp_path / "link"
     link.symlink_to(open_db.path, target_is_directory=True)
@@ -823,7 +859,7 @@ def test_a_path_and_a_symlink_to_it_share_one_engine(open_db, role: str, tmp_pat
         b.close()
 
 
-def test_open_close_open_again_in_one_process(open_db) -> None:
+def test_open_close_open_again_in_one_process(open_db: Opener) -> None:
     for i in range(5):
         db = open_db()
         db[b"%d" % i] = b"x"
@@ -831,7 +867,7 @@ def test_open_close_open_again_in_one_process(open_db) -> None:
         db.close()
 
 
-def test_handles_with_different_flags_on_one_path(open_db) -> None:
+def test_handles_with_different_flags_on_one_path(open_db: Opener) -> None:
     w = open_db("w" if open_db.path.exists() else "c")
     r = open_db("r")
     c = open_db("c")
@@ -881,7 +917,7 @@ def _thread_ops(db: partydbm.PartyDBM, i: int, n_ops: int,
             assert dict(db.iterator(prefix=prefix)) == model
 
 
-def test_threads_sharing_one_handle_match_a_model(open_db) -> None:
+def test_threads_sharing_one_handle_match_a_model(open_db: Opener) -> None:
     db = open_db()
     models: list[dict[bytes, bytes]] = [{} for _ in range(4)]
     _run_threads(lambda i: _thread_ops(db, i, 500, models), 4)
@@ -889,7 +925,7 @@ def test_threads_sharing_one_handle_match_a_model(open_db) -> None:
     assert contents(db) == expect
 
 
-def test_threads_with_their_own_handles_on_one_path_match_a_model(open_db) -> None:
+def test_threads_with_their_own_handles_on_one_path_match_a_model(open_db: Opener) -> None:
     main = open_db()
     models: list[dict[bytes, bytes]] = [{} for _ in range(4)]
 
@@ -907,7 +943,7 @@ def test_threads_with_their_own_handles_on_one_path_match_a_model(open_db) -> No
     assert contents(main) == expect
 
 
-def test_clear_of_many_keys(open_db) -> None:
+def test_clear_of_many_keys(open_db: Opener) -> None:
     db = open_db()
     db.update({b"%06d" % i: b"v" for i in range(12_000)})
     other = open_db()
@@ -917,7 +953,7 @@ def test_clear_of_many_keys(open_db) -> None:
     assert contents(db) == {b"k": b"v"}
 
 
-def test_flags_are_per_handle_across_processes(tmp_path, holder, role: str) -> None:
+def test_flags_are_per_handle_across_processes(tmp_path: Path, holder: Holder, role: str) -> None:
     # The leader's own handle being read-only must not make its followers read-only,
     # and a read-only follower must not stop the leader's handle writing.
     path = tmp_path / "db"

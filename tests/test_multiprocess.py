@@ -1,6 +1,6 @@
 """The party: several processes on one database at once, checked against a model.
 
-Every process here is a worker (tests/workers.py) driven through mp_util: the test
+Every process here is a worker (tests/workers/) driven through tests/procs.py: the test
 process itself never opens a database, so no test leaves an engine or a lock-waiter
 thread behind in pytest. Crashes are SIGKILL; every wait has a deadline.
 """
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import (
+
+from .procs import (
     DEADLINE,
     Party,
     RemoteError,
@@ -28,8 +29,9 @@ from mp_util import (
     leaders_of,
     wait_for,
 )
+from .wire import decode, encode
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 @pytest.fixture
 def party() -> Iterator[Party]:
@@ -190,25 +192,23 @@ def test_read_only_handle_stays_read_only_after_its_process_becomes_leader(
 # -- leader turnover -----------------------------------------------------------------------
 def test_constant_leader_turnover_loses_no_key(party: Party, tmp_path: Path) -> None:
     """20 rounds of 10 short-lived processes that each open, write one key and exit: the
-    leader changes all the time, and every one of the 200 writes survives."""
+    leader changes all the time, and every one of the 200 writes survives. (The
+    processes are forked by a worker that never opens the database: see forker.)"""
     path = tmp_path / "db"
     rounds, per_round = 20, 10
-    overall = time.monotonic() + 100
+    forker = party.spawn("forker")
     model: dict[bytes, bytes] = {}
     for r in range(rounds):
-        batch = []
         for p in range(per_round):
             key, value = f"r{r:02d}-p{p}", f"value-{r}-{p}"
             how = "close" if p % 2 else "exit"
-            batch.append(party.spawn("turnover", path, key, value, how))
+            forker.send(encode([str(path), key, value, how]))
+            assert isinstance(decode(forker.expect("")), int)
             model[key.encode()] = value.encode()
-        for w in batch:
-            remaining = overall - time.monotonic()
-            assert remaining > 0, f"turnover ran out of time in round {r}"
-            rc = w.wait(min(DEADLINE, remaining))
-            assert rc == 0, f"round {r}: {w} exited {rc}:\n{w.stderr()}"
-            assert not clean_exit_stderr(w.stderr()), w.stderr()
-            w.cleanup()
+        forker.send(encode("reap"))
+        codes = decode(forker.expect("", DEADLINE + 10))  # the forker's own deadline first
+        assert codes == [0] * per_round, f"round {r}: exit codes {codes}:\n{forker.stderr()}"
+    assert not clean_exit_stderr(forker.stderr()), forker.stderr()
     assert dump(party, path) == model
 
 
@@ -452,11 +452,12 @@ def test_serving_threads_give_way_to_the_leaders_own_threads(party: Party,
     leader.exec(NICENESS)
     nice = leader.eval("niceness()")
     step = leader.eval("SERVE_NICENESS")
-    base = os.getpriority(os.PRIO_PROCESS, 0)  # inherited (tests may run under nice)
-    assert step > 0 and base < 19
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the worker's, inherited (`nice make test`)
+    assert step > 0 and base < 19, "at niceness 19 the serving threads cannot go lower"
     assert nice["MainThread"] == base
-    assert nice["partydbm-serve"] == min(base + step, 19)
-    assert nice["partydbm-accept"] == min(base + step, 19)
+    by_job = {name.split()[0]: v for name, v in nice.items()}
+    assert by_job["partydbm-serve"] == min(base + step, 19)
+    assert by_job["partydbm-accept"] == min(base + step, 19)
     # The application's own threads keep theirs, new ones included.
     leader.exec("t = threading.Thread(target=lambda: None, name='app'); t.start(); t.join()")
     assert leader.eval("os.getpriority(os.PRIO_PROCESS, threading.get_native_id())") == base
@@ -476,3 +477,22 @@ def test_a_leader_on_one_cpu_keeps_its_serving_threads_at_its_priority(
     follower.exec("db[b'k'] = b'v'")
     leader.exec(NICENESS)
     assert set(leader.eval("list(niceness().values())")) == {os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+def test_every_thread_of_partydbm_has_a_name_of_its_own(party: Party, tmp_path: Path) -> None:
+    """py-spy and threading.enumerate() tell partydbm's threads apart: no two share a
+    name, whatever their job or database (the hang-up watch and the passing watchdog
+    were both "partydbm-watch" once)."""
+    leader, follower = party.repl(), party.repl()
+    for name in ("db", "db2"):
+        assert leader.open(tmp_path / name, name=name) == "leader"
+        assert follower.open(tmp_path / name, name=name) == "follower"
+        follower.exec(f"{name}[b'k'] = b'v'")  # its serving thread has its name
+    names = "[t.name for t in threading.enumerate() if t.name.startswith('partydbm')]"
+    for worker, jobs in ((leader, ["accept", "serve", "watchdog"]),
+                         (follower, ["hangup-watch"])):
+        got = worker.eval(names)
+        assert len(got) == len(set(got)), got
+        assert sorted(n.split()[0] for n in got) == sorted(
+            f"partydbm-{job}" for job in jobs for _ in range(2)), got
+        assert all(str(tmp_path) in n for n in got), got

@@ -7,15 +7,17 @@ import dbm.dumb
 import errno
 import os
 import pickle
-import select
 import stat
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import partydbm
+from partydbm import _protocol as P
+
+from .conftest import Opener
+from .procs import Holder, Party
 
 BAD_FLAG_MESSAGE = "Flag must be one of 'r', 'w', 'c', or 'n', not {!r}"
 GOOD_FLAGS = ["r", "w", "c", "n", "rf", "rs", "ru", "wf", "ws", "wu", "cf", "cs", "cu",
@@ -44,7 +46,7 @@ def test_default_flag_is_c_and_creates_a_missing_database(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("flag", GOOD_FLAGS)
-def test_every_flag_opens_an_existing_database_with_its_meaning(open_db, flag: str) -> None:
+def test_every_flag_opens_an_existing_database_with_its_meaning(open_db: Opener, flag: str) -> None:
     seed = open_db("c")
     seed.update(SEED)
     seed.close()
@@ -148,11 +150,12 @@ def test_n_replaces_a_plain_file_with_an_empty_database(tmp_path: Path) -> None:
         assert contents(db) == {b"k": b"v"}
 
 
-def test_n_empties_an_existing_database_also_while_open(open_db, role: str) -> None:
+def test_n_empties_an_existing_database_also_while_open(open_db: Opener, role: str) -> None:
     other = open_db()
     other.update(SEED)
     if role == "follower":
         # Data the other process (the leader) wrote itself.
+        assert open_db.holder is not None
         open_db.holder.put(open_db.path, b"from-holder", b"1")
         assert other[b"from-holder"] == b"1"
     db = open_db("n")
@@ -163,7 +166,7 @@ def test_n_empties_an_existing_database_also_while_open(open_db, role: str) -> N
 
 
 def test_n_from_another_process_empties_a_database_this_process_leads(
-        tmp_path: Path, holder) -> None:
+        tmp_path: Path, holder: Holder) -> None:
     path = tmp_path / "db"
     with partydbm.open(path, "c") as db:
         assert db.is_leader
@@ -189,7 +192,7 @@ def test_open_creates_with_a_str_bytes_or_pathlib_path(tmp_path: Path, kind: str
         assert contents(db) == {b"k": b"v"}
 
 
-def test_str_bytes_and_pathlib_paths_reach_the_same_database(open_db, role: str) -> None:
+def test_str_bytes_and_pathlib_paths_reach_the_same_database(open_db: Opener, role: str) -> None:
     db = open_db()
     db[b"k"] = b"v"
     path = open_db.path
@@ -215,39 +218,23 @@ def test_non_ascii_path(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kw", [{"retry": False}, {"timeout": None}, {"timeout": 0.5},
                                 {"retry": True, "timeout": 30.0}])
-def test_open_takes_retry_and_timeout(open_db, kw) -> None:
+def test_open_takes_retry_and_timeout(open_db: Opener, kw: dict[str, Any]) -> None:
     db = open_db("c", **kw)
     db[b"k"] = b"v"
     assert contents(db) == {b"k": b"v"}
     assert list(db.iterator(reverse=True)) == [(b"k", b"v")]
 
 
-PLYVEL_HOLDER = """
-import sys
-from partydbm._backend import plyvel  # the binding partydbm uses here
-db = plyvel.DB(sys.argv[1])
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_open_raises_Timeout_when_the_lock_holder_never_serves(tmp_path: Path) -> None:
     path = tmp_path / "db"
     partydbm.open(path, "c").close()
-    proc = subprocess.Popen([sys.executable, "-c", PLYVEL_HOLDER, str(path)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        assert ready and proc.stdout.readline().strip() == "ready"
+    with Party() as party:
+        plain = party.spawn("plain_leveldb", path)  # holds the LOCK, never serves
+        assert plain.readline() == "ready"
         with pytest.raises(partydbm.Timeout) as info:
             partydbm.open(path, "w", timeout=0.2)
         assert isinstance(info.value, TimeoutError)
         assert isinstance(info.value, partydbm.error)
-    finally:
-        proc.kill()
-        proc.wait(30)
-        proc.stdin.close()
-        proc.stdout.close()
 
 
 # -- mode --------------------------------------------------------------------------------------
@@ -308,7 +295,8 @@ def test_leader_lost_is_a_ConnectionError_and_timeout_a_TimeoutError() -> None:
 @pytest.mark.parametrize("cls", ALL_ERRORS)
 @pytest.mark.parametrize("args", [(), ("a message",), (errno.ENOENT, "No such thing"),
                                   (errno.EEXIST, "exists", "/some/path")])
-def test_every_error_pickles_keeping_type_and_args(cls: type[OSError], args: tuple) -> None:
+def test_every_error_pickles_keeping_type_and_args(cls: type[OSError],
+                                                   args: tuple[Any, ...]) -> None:
     exc = cls(*args)
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         back = pickle.loads(pickle.dumps(exc, protocol))
@@ -317,6 +305,21 @@ def test_every_error_pickles_keeping_type_and_args(cls: type[OSError], args: tup
         assert back.errno == exc.errno
         assert back.filename == exc.filename
         assert str(back) == str(exc)
+
+
+@pytest.mark.parametrize("cls", ALL_ERRORS)
+@pytest.mark.parametrize("args", [(), ("a message",), (errno.ENOSPC, "No space left"),
+                                  (errno.EEXIST, "exists", "/some/path")])
+def test_every_error_crosses_the_wire_keeping_type_errno_and_text(
+        cls: type[OSError], args: tuple[Any, ...]) -> None:
+    """What a follower raises for an error on the leader: same class, errno and text
+    (a full disk is ENOSPC in both roles)."""
+    from partydbm._errors import from_wire, to_wire
+
+    exc = cls(*args)
+    back = from_wire(P.unpack(P.pack(to_wire(exc))))
+    assert type(back) is cls
+    assert (back.errno, back.filename, str(back)) == (exc.errno, exc.filename, str(exc))
 
 
 def test_a_raised_open_error_pickles_with_its_filename(tmp_path: Path) -> None:

@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mp_util import Party
 
 import partydbm
 
-pytestmark = pytest.mark.multiprocess
+from .procs import Party
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
 N = 20_000  # keys per batch (about 1.5 MB)
 ROUNDS = 12

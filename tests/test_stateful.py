@@ -18,6 +18,8 @@ from hypothesis.stateful import (
 
 import partydbm
 
+from .conftest import Opener
+
 keys = st.lists(st.sampled_from([b"\x00", b"a", b"b", b"\xff"]), max_size=3).map(b"".join)
 values = st.binary(max_size=4)
 
@@ -96,7 +98,7 @@ def make_machine(open_db: Any) -> type[RuleBasedStateMachine]:
     return MappingMachine
 
 
-def test_mapping_state_machine_matches_a_dict(open_db) -> None:
+def test_mapping_state_machine_matches_a_dict(open_db: Opener) -> None:
     run_state_machine_as_test(make_machine(open_db), settings=settings(
         max_examples=25, stateful_step_count=15, deadline=None, database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))

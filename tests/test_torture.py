@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,21 +19,20 @@ import pytest
 import partydbm
 from partydbm._election import LockFile
 
-HERE = Path(__file__).parent
+from .procs import Party, Worker
+
 WORKERS = 3
 
 
-def _spawn(path: Path, wid: int, seed: int, nops: int, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "torture_worker.py"), str(path), str(wid), str(seed),
-         str(nops), str(log)], stderr=subprocess.PIPE)
+def _spawn(party: Party, path: Path, wid: int, seed: int, nops: int, log: Path) -> Worker:
+    return party.spawn("torture", path, wid, seed, nops, log)
 
 
-def _replay(log: Path, killed: bool) -> tuple[dict[bytes, bytes], dict[bytes, set]]:
+def _replay(log: Path, killed: bool) -> tuple[dict[bytes, bytes], dict[bytes, set[bytes | None]]]:
     """The model a worker's log proves, and for a killed worker the keys whose last
     write is in doubt, with the values they may hold (None: absent)."""
     model: dict[bytes, bytes] = {}
-    doubt: dict[bytes, set] = {}
+    doubt: dict[bytes, set[bytes | None]] = {}
     intent = None
     for line in log.read_text().splitlines():
         if line.startswith("I "):
@@ -71,6 +67,7 @@ def _apply(model: dict[bytes, bytes], intent: list[str]) -> None:
 
 @pytest.mark.torture
 @pytest.mark.multiprocess
+@pytest.mark.heavy
 def test_torture_random_ops_with_repeated_leader_kills(tmp_path: Path) -> None:
     seed = int(os.environ.get("PARTYDBM_TORTURE_SEED") or random.randrange(1 << 30))
     nops = int(os.environ.get("PARTYDBM_TORTURE_OPS") or 5000)
@@ -80,42 +77,35 @@ def test_torture_random_ops_with_repeated_leader_kills(tmp_path: Path) -> None:
     path = tmp_path / "db"
     partydbm.open(path, "c").close()
     lock = LockFile(str(path))  # only to ask who holds the LOCK; never locks
-    procs: dict[int, subprocess.Popen[bytes]] = {}
+    workers: dict[int, Worker] = {}
     killed: set[int] = set()
     next_wid = 0
     deadline = time.monotonic() + 90 + nops * 0.05
     try:
-        for _ in range(WORKERS):
-            procs[next_wid] = _spawn(path, next_wid, seed, nops, tmp_path / f"{next_wid}.log")
-            next_wid += 1
-        while len(killed) < kills_wanted and time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.02, 0.12))
-            holder = lock.holder_pid()
-            victim = next((w for w, p in procs.items()
-                           if p.pid == holder and p.poll() is None), None)
-            if victim is None:
-                if all(p.poll() is not None for p in procs.values()):
-                    break
-                continue
-            os.kill(procs[victim].pid, signal.SIGKILL)
-            procs[victim].wait(10)
-            killed.add(victim)
-            procs[next_wid] = _spawn(path, next_wid, seed, nops, tmp_path / f"{next_wid}.log")
-            next_wid += 1
-        for wid, proc in procs.items():
-            remaining = max(deadline - time.monotonic(), 1)
-            proc.wait(remaining)  # raises TimeoutExpired if a worker hung
-            assert proc.stderr is not None
-            err = proc.stderr.read().decode()
-            if wid not in killed:
-                assert proc.returncode == 0, f"worker {wid} (seed {seed}): {err}"
+        with Party() as party:
+            for _ in range(WORKERS):
+                workers[next_wid] = _spawn(party, path, next_wid, seed, nops,
+                                           tmp_path / f"{next_wid}.log")
+                next_wid += 1
+            while len(killed) < kills_wanted and time.monotonic() < deadline:
+                time.sleep(rng.uniform(0.02, 0.12))  # a random moment, not a wait
+                holder = lock.holder_pid()
+                victim = next((wid for wid, w in workers.items()
+                               if w.pid == holder and w.proc.poll() is None), None)
+                if victim is None:
+                    if all(w.proc.poll() is not None for w in workers.values()):
+                        break
+                    continue
+                workers[victim].kill()  # SIGKILL, reaped
+                killed.add(victim)
+                workers[next_wid] = _spawn(party, path, next_wid, seed, nops,
+                                           tmp_path / f"{next_wid}.log")
+                next_wid += 1
+            for wid, w in workers.items():
+                code = w.wait(max(deadline - time.monotonic(), 1))  # WorkerError if hung
+                if wid not in killed:
+                    assert code == 0, f"worker {wid} (seed {seed}): {w.stderr()}"
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            if proc.stderr is not None:
-                proc.stderr.close()
         os.close(lock.fd)
     print(f"torture seed={seed}: {next_wid} workers, {len(killed)} leaders killed")
     assert len(killed) >= min(kills_wanted, 1), f"no leader was killed (seed {seed})"

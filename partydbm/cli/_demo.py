@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .._election import LockFile
+from .._open import open as party_open
+from .._open import whichdb
 from ._demo_children import key_of, value_of
-from ._election import LockFile
-from ._open import open as party_open
-from ._open import whichdb
-from ._transfer import CliError
+from ._errors import CliError
 
 WRITERS = 3
 KILLS = 3
@@ -66,7 +66,7 @@ class Demo:
     def spawn(self, kind: str, *args: Any, wid: int = -1) -> Child:
         err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in cleanup()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "partydbm._demo_children", kind, self.path,
+            [sys.executable, "-m", "partydbm.cli._demo_children", kind, self.path,
              *(str(a) for a in args)], stdout=subprocess.PIPE, stderr=err,
             stdin=subprocess.DEVNULL)
         name = {"writer": f"writer {wid}", "reader": "reader", "host": "host"}[kind]

@@ -1,9 +1,12 @@
-"""Worker processes for the multi-process tests.
+"""The one way tests start and drive other processes.
 
-Every worker runs `python tests/workers.py NAME ARGS...` (or `python -c CODE`) in a
-session of its own, so that it and everything it starts (forked children, partydbm's
-helper leaders) form one process group. Every wait on a worker has a deadline; `Party`
-SIGKILLs each group and reaps its worker in a `finally`, whatever the test did.
+Every process a test starts is a `Worker`: `python -m tests.workers NAME ARGS...` (see
+tests/workers/) or `python -c CODE` (a user's script), in a session of its own, so that
+it and everything it starts (forked children, partydbm's helper leaders) form one
+process group. Every wait on a worker has a deadline; `Party` SIGKILLs each group and
+reaps its worker in a `finally`, whatever the test did. Each worker loads the test seams
+(`partydbm._seams.load(os.environ)`) first thing, so `env={"PARTYDBM_...": ...}` reaches it,
+and sets the module attributes named in PARTYDBM_TEST_SET (tests.workers.SETTINGS).
 
 The `repl` worker runs Python sent to it line by line (JSON, with bytes kept as bytes)
 and answers one line each, so a test can drive several processes step by step:
@@ -14,11 +17,14 @@ and answers one line each, so a test can drive several processes step by step:
         b.open(path)
         a.exec("db['k'] = 'v'")
         assert b.eval("db['k']") == b"v"
+
+A `Holder` is a repl that only holds databases and serves them (the other side of the
+role tests, of conformance/ and of bench/): `Holder().open(path)` makes the test's own
+handle on `path` a follower of another process.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -26,12 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-WORKERS = HERE / "workers.py"
+from .wire import decode, encode
+
+ROOT = Path(__file__).resolve().parent.parent  # workers run there: `-m tests.workers`
 DEADLINE = 30.0  # seconds, for any single wait on a worker
 
 
@@ -39,7 +46,7 @@ class WorkerError(AssertionError):
     """A worker died, missed its deadline or said something unexpected."""
 
 
-class RemoteError(Exception):
+class RemoteError(RuntimeError):
     """An exception raised by code a worker ran for the test."""
 
     def __init__(self, type_name: str, mro: list[str], message: str, tb: str) -> None:
@@ -53,53 +60,11 @@ class RemoteError(Exception):
         return all(name in self.mro for name in names)
 
 
-# -- JSON that keeps bytes and bytes-keyed dicts -------------------------------------------
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"$b": bytes(obj).hex()}
-    if isinstance(obj, dict):
-        return {"$d": [[_to_json(k), _to_json(v)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_to_json(x) for x in obj]
-    return obj
-
-
-def _from_json(obj: dict[str, Any]) -> Any:
-    if "$b" in obj:
-        return bytes.fromhex(obj["$b"])
-    if "$d" in obj:
-        return {_hashable(k): v for k, v in obj["$d"]}
-    return obj
-
-
-def _hashable(obj: Any) -> Any:
-    return tuple(_hashable(x) for x in obj) if isinstance(obj, list) else obj
-
-
-def encode(obj: Any) -> str:
-    return json.dumps(_to_json(obj))
-
-
-def decode(text: str) -> Any:
-    return json.loads(text, object_hook=_from_json)
-
-
-# -- switches of the library, set in every worker of a test ------------------------------
-SETTINGS = "PARTYDBM_TEST_SET"
-"""Module attributes of partydbm to set in a worker process before it does anything:
-"_sockets.SO_PEERCRED=None;_election.VIA_PROC=False" (a test that switches a Linux way
-off sets them in its own process and, through this variable, in the workers it starts;
-the library itself never reads it)."""
-
-
-def apply_settings(env: Mapping[str, str]) -> None:
-    import ast
-    import importlib
-
-    for setting in filter(None, env.get(SETTINGS, "").split(";")):
-        target, value = setting.split("=", 1)
-        module, attr = target.rsplit(".", 1)
-        setattr(importlib.import_module(f"partydbm.{module}"), attr, ast.literal_eval(value))
+def worker_argv(name: str, *args: Any, without: str | None = None) -> list[str]:
+    """The interpreter arguments that start worker NAME of tests/workers/; `without`: a
+    module the worker cannot import (a LevelDB binding: partydbm takes the other)."""
+    blocked = [] if without is None else ["--without", without]
+    return ["-m", "tests.workers", *blocked, name, *map(str, args)]
 
 
 # -- one worker ----------------------------------------------------------------------------
@@ -110,7 +75,7 @@ class Worker:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives with the worker
         self.proc = subprocess.Popen(
             [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr, start_new_session=True, cwd=HERE,
+            stderr=self._stderr, start_new_session=True, cwd=ROOT,
             env=None if env is None else {**os.environ, **env})
         self.pid = self.proc.pid
         self.argv = argv
@@ -168,7 +133,7 @@ class Worker:
     def reply(self, timeout: float = DEADLINE) -> Any:
         line = self.readline(timeout)
         if line is None:
-            raise WorkerError(f"{self} exited (rc={self.proc.poll()}) without answering; "
+            raise WorkerError(f"{self} exited (rc={self._exit_code()}) without answering; "
                               f"stderr:\n{self.stderr()}")
         msg = decode(line)
         if "exc" in msg:
@@ -194,6 +159,14 @@ class Worker:
             f"result = 'leader' if {name}.is_leader else 'follower'", deadline)
 
     # -- ending ------------------------------------------------------------------------------
+    def _exit_code(self, timeout: float = 2.0) -> int | None:
+        """The exit code of a worker whose stdout just ended: a dying process closes
+        its files a moment before it can be reaped (None if it still runs)."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def wait(self, timeout: float = DEADLINE) -> int:
         """The exit code; WorkerError (after SIGKILL) if it does not exit in time."""
         try:
@@ -251,18 +224,16 @@ class Party:
         self.workers: list[Worker] = []
 
     def spawn(self, name: str, *args: Any, env: dict[str, str] | None = None) -> Worker:
-        """`python tests/workers.py NAME ARGS...`."""
-        return self._add(Worker([str(WORKERS), name, *map(str, args)], env))
+        """`python -m tests.workers NAME ARGS...`."""
+        return self._add(Worker(worker_argv(name, *args), env))
 
     def python(self, code: str, *args: Any, env: dict[str, str] | None = None) -> Worker:
         """`python -c CODE ARGS...` (a user's script, nothing of the tests imported)."""
         return self._add(Worker(["-c", code, *map(str, args)], env))
 
     def repl(self, env: dict[str, str] | None = None, without: str | None = None) -> Worker:
-        """A repl worker; `without`: a module it cannot import (a LevelDB binding)."""
-        if without is None:
-            return self.spawn("repl", env=env)
-        return self._add(Worker([str(WORKERS), "--without", without, "repl"], env))
+        """A repl worker; `without`: a module it cannot import (see worker_argv)."""
+        return self._add(Worker(worker_argv("repl", without=without), env))
 
     def repls(self, n: int) -> list[Worker]:
         return [self.repl() for _ in range(n)]
@@ -276,6 +247,52 @@ class Party:
             worker.cleanup()
 
     def __enter__(self) -> Party:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Holder:
+    """A worker that holds databases open on command and only serves them (it never
+    answers in passing: it has no calls of its own). Usable without a `Party` (as a
+    context manager, or `close()` in a `finally`); errors in the worker raise
+    `RemoteError` (a RuntimeError), a missed deadline `WorkerError`."""
+
+    def __init__(self, timeout: float = DEADLINE, env: dict[str, str] | None = None) -> None:
+        """`env`: extra environment variables (e.g. the test seams PARTYDBM_CRASH_AT,
+        PARTYDBM_RESEND_DELAY, which the worker loads into partydbm._seams)."""
+        self.timeout = timeout
+        self.worker = Worker(worker_argv("holder"), env)
+        self.proc = self.worker.proc
+        self.pid = self.worker.pid
+
+    def open(self, path: str | os.PathLike[str], flag: str = "c") -> str:
+        """Open `path` in the holder (closing its earlier handle on it, if any);
+        'leader' or 'follower'."""
+        return self.worker.exec(  # type: ignore[no-any-return]
+            f"result = hold({os.fspath(path)!r}, {flag!r})", self.timeout)
+
+    def close_db(self, path: str | os.PathLike[str]) -> None:
+        self.worker.exec(f"let_go({os.fspath(path)!r})", self.timeout)
+
+    def put(self, path: str | os.PathLike[str], key: bytes, value: bytes) -> None:
+        self.worker.exec(f"held[{os.fspath(path)!r}][{key!r}] = {value!r}", self.timeout)
+
+    def close(self) -> None:
+        """Close everything (a leader hands over) and reap the process; SIGKILL it if
+        it does not exit within the deadline."""
+        try:
+            if self.proc.returncode is None:
+                self.worker.finish(self.timeout)
+        finally:
+            self.worker.cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap."""
+        self.worker.kill()
+
+    def __enter__(self) -> Holder:
         return self
 
     def __exit__(self, *exc: object) -> None:

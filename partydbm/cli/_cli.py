@@ -16,20 +16,17 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
+from .._election import shown_address
+from .._engine import Engine
+from .._errors import error
+from .._mapping import PartyDBM
+from .._open import open as party_open
+from .._open import repair
 from . import _formats as F
 from . import _transfer as T
-from ._election import shown_address
-from ._errors import error
-from ._mapping import PartyDBM
-from ._open import open as party_open
-from ._open import repair
-from ._transfer import CliError
+from ._errors import CliError, UsageError
 
 DB_HELP = "the partydbm database (a directory)"
-
-
-class UsageError(Exception):
-    """A bad argument found after parsing (exit code 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 
@@ -363,13 +360,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def info(db: PartyDBM) -> dict[str, Any]:
     engine = db._engine
-    assert engine is not None
+    assert isinstance(engine, Engine)
     address = engine.address
-    backend = engine.backend
-    stats = backend.stats() if backend is not None else None
+    stats = engine.stats()
     return {
         "path": db.name,
-        "role": "leader" if backend is not None else "follower",
+        "role": "leader" if db.is_leader else "follower",
         "leader_pid": engine.leader_pid,
         "socket": shown_address(engine.path, address),
         "keys": len(db),

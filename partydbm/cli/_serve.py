@@ -16,9 +16,8 @@ import time
 from types import FrameType
 from typing import Any
 
-from . import _server
-from ._election import shown_address
-from ._open import open as party_open
+from .._election import shown_address
+from .._open import open_to_serve
 
 POLL = 0.2
 
@@ -33,7 +32,6 @@ def log(message: str) -> None:
 
 
 def serve(path: str, timeout: float | None, verbose: bool) -> int:
-    _server.serve_only()
     stop = threading.Event()
     opening = True
 
@@ -45,7 +43,7 @@ def serve(path: str, timeout: float | None, verbose: bool) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            db = party_open(path, "c", timeout=timeout)
+            db = open_to_serve(path, "c", timeout=timeout)
         except _Stop:
             log("stopped before the database was open")
             return 0

@@ -1,6 +1,6 @@
 """One torture worker: seeded random ops on its own key prefix, checked against a dict.
 
-Usage: python torture_worker.py PATH WID SEED NOPS LOG
+Usage: python -m tests.workers torture PATH WID SEED NOPS LOG
 
 The worker logs every write's intent before issuing it and its acknowledgement after,
 so that the parent can rebuild the model even if this process is SIGKILLed (the one
@@ -17,7 +17,8 @@ import sys
 import partydbm
 
 
-def main(path: str, wid: int, seed: int, nops: int, log: str) -> int:
+def torture(path: str, wid_arg: str, seed_arg: str, nops_arg: str, log: str) -> int:
+    wid, seed, nops = int(wid_arg), int(seed_arg), int(nops_arg)
     rng = random.Random(seed * 1000 + wid)
     prefix = b"w%d/" % wid
     names = [b"", b"\x00", b"\xff", b"a", b"aa", b"aaz", b"ab", b"b"] + [
@@ -85,8 +86,3 @@ def main(path: str, wid: int, seed: int, nops: int, log: str) -> int:
 def fail(message: str) -> int:
     sys.stderr.write(f"torture worker: {message}\n")
     return 1
-
-
-if __name__ == "__main__":
-    p, w, s, n, log = sys.argv[1:6]
-    raise SystemExit(main(p, int(w), int(s), int(n), log))

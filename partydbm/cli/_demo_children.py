@@ -1,4 +1,4 @@
-"""The processes of `partydbm demo` (`python -m partydbm._demo_children ROLE PATH ...`).
+"""The processes of `partydbm demo` (`python -m partydbm.cli._demo_children ROLE PATH ...`).
 
 Each reports on stdout, one line at a time:
     S <leader|follower> <writes acknowledged>              a writer (or the host: 0)
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from ._open import open as party_open
+from .._open import open as party_open
 
 REPORT_EVERY = 0.1  # seconds between a child's status lines
 

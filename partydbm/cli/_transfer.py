@@ -16,16 +16,13 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+from .._mapping import PartyDBM
+from .._open import open as party_open
+from .._open import whichdb as party_whichdb
 from . import _formats as F
-from ._mapping import PartyDBM
-from ._open import open as party_open
-from ._open import whichdb as party_whichdb
+from ._errors import CliError
 
 EXPORT_KINDS = ("dumb", "gnu", "ndbm", "sqlite3")
-
-
-class CliError(Exception):
-    """A failure to report as one line on stderr (exit code 1)."""
 
 
 def write_all(db: PartyDBM, pairs: Iterable[tuple[bytes, bytes]], progress: F.Progress

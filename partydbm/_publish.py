@@ -1,0 +1,98 @@
+"""What the leader publishes to its followers' caches, and when (_ring.py, _cache.py).
+
+Publishing is on while at least one follower that can use a ring is connected: the
+first one's hello creates a ring (a new file, a new epoch), the last one's leaving
+retires it. So a leader without followers pays one attribute load per write.
+
+Each write publishes what it changed (PUT with the new value, DROP if too big for a
+slot, DEL; ALL for a clear or a large batch) after LevelDB's write and before it is
+acknowledged, holding the stripe locks of its keys throughout. Between the two, the
+Store marks those stripes busy: the leader's own reads of them wait for the
+publication, so nobody can see a value that a follower's cache would not answer yet.
+Keys longer than KEY_MAX are never cached, so they are never published.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from . import _ring as R
+
+BATCH_INLINE = 64
+"""A batch of more operations than this is published as ALL (followers forget every
+key) instead of one change per key: a large update would otherwise push the whole
+ring past slow readers, and cost the leader more than the write."""
+
+Changes = list[tuple[int, bytes, bytes]]
+_ALL: Changes = [(R.ALL, b"", b"")]
+
+
+class Publisher:
+    """The ring of one leader incarnation, while followers use it."""
+
+    def __init__(self, db_path: str, mode: int) -> None:
+        self.db_path = db_path
+        self.mode = mode
+        self.ring: R.Ring | None = None  # read without the lock: on every write
+        self._lock = threading.Lock()  # `ring` changes, `_attached`
+        self._attached = 0
+        self._closed = False
+
+    def attach(self) -> int | None:
+        """A follower joins: publish from now on. The ring's epoch, or None if this
+        machine cannot share one (see _ring.ORDERED_MEMORY) or it could not be made."""
+        if not R.ORDERED_MEMORY:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            if self.ring is None:
+                try:
+                    self.ring = R.Ring(self.db_path, self.mode)
+                except OSError:
+                    return None  # a full disk, say: followers read from us instead
+            self._attached += 1
+            return self.ring.epoch
+
+    def detach(self) -> None:
+        """A follower that attached has left; the last one retires the ring."""
+        with self._lock:
+            self._attached -= 1
+            if self._attached == 0 and self.ring is not None:
+                ring, self.ring = self.ring, None
+                ring.retire()
+
+    def position(self) -> int:
+        """The last change published (-1: not publishing): read under the key's lock,
+        before LevelDB, for a follower's miss."""
+        ring = self.ring
+        return -1 if ring is None else ring.head
+
+    def close(self) -> None:
+        """The leader hands over: retire the ring for good (before the LOCK goes)."""
+        with self._lock:
+            self._closed = True
+            ring, self.ring = self.ring, None
+        if ring is not None:
+            ring.close()
+            R.remove(self.db_path, ring.epoch)
+
+
+def after(ring: R.Ring, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
+    """Publish what a write of `ops` changed (it is in LevelDB now)."""
+    if len(ops) > BATCH_INLINE:
+        ring.append(_ALL)
+        return
+    changes: Changes = []
+    for key, value in ops:
+        if len(key) > R.KEY_MAX:
+            continue
+        if value is None:
+            changes.append((R.DEL, key, b""))
+        elif len(key) + len(value) <= R.PAYLOAD:
+            changes.append((R.PUT, key, value))
+        else:
+            changes.append((R.DROP, key, b""))
+    if changes:
+        ring.append(changes)
