@@ -168,9 +168,9 @@ class Server:
             self._threads.add(t)
             try:
                 t.start()  # under the lock: stop() must never see an unstarted thread
-            except RuntimeError:  # "can't start new thread"; on 3.12+ also at exit
-                # (the interpreter starts no thread once it finalizes: the next try
-                # finds the server closed by atexit and hangs up on the follower)
+            except RuntimeError:  # "can't start new thread"; on 3.12+ also once the
+                # interpreter exits: then a later try finds the server stopped (atexit)
+                # and hangs up, or the exit itself ends the connection
                 self._conns.discard(sock)
                 self._threads.discard(t)
                 return False
