@@ -203,7 +203,8 @@ def _lmdb(path: str) -> Store:
 
     def get(key: bytes) -> bytes | None:
         with begin() as txn:
-            return txn.get(key)
+            value: bytes | None = txn.get(key)  # Any where lmdb is not installed
+            return value
 
     def put(key: bytes, value: bytes) -> None:
         with begin(write=True) as txn:
