@@ -8,7 +8,7 @@ Invariants enforced here:
   thread: the application's, a follower's serving thread, one answering in passing.
   Plain puts take the lock too: that is what makes compare_and_set atomic against them.
   A write of several keys takes their stripes in ascending order (no deadlock).
-- Nothing closes LevelDB while a call is inside it (trap 5: plyvel checks that the
+- Nothing closes LevelDB while a call is inside it (docs/TRAPS.md, trap 5: plyvel checks that the
   database is open and then releases the GIL; a close from another thread in that
   window frees what the call uses, and the process dies of SIGSEGV). Every call passes
   the gate: it counts itself in, and once `close()` has begun, a call that has not yet
