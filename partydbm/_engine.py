@@ -44,7 +44,7 @@ from ._store import Store
 
 MAX_BACKOFF = 0.005
 shutting_down = False  # set by _registry at interpreter exit
-tainted: set[str] = set()  # paths whose LevelDB lock table this process inherited (trap 2)
+tainted: set[str] = set()  # paths whose LevelDB lock table we inherited (docs/TRAPS.md, trap 2)
 leftovers: list[Any] = []  # backends inherited through fork: never closed, never freed
 
 Route = LocalRoute | RemoteRoute | Unrouted | ClosedRoute
@@ -344,7 +344,7 @@ class Engine:
             "LevelDB user, a hung leader, or a leader still starting)")
 
     def _ensure_helper(self) -> None:
-        """A process forked from a leader can never open LevelDB itself (trap 2): it
+        """A process forked from a leader can never open LevelDB itself (docs/TRAPS.md, trap 2): it
         leads through a fresh helper process that lives as long as it does."""
         if self._helper is not None and self._helper.poll() is None:
             return
