@@ -253,7 +253,7 @@ def multi(kind: str) -> Callable[[Ctx, str], dict[str, dict[str, Any]]]:
                     procs.append(spawn(system, {
                         "task": "mp", "system": system, "path": path, "n": ctx.n,
                         "mp_role": role, "seed": i, "duration": ctx.mp_duration, **extra}))
-                    if i == 0 and read_line(procs[0], 60).strip() != "ready":
+                    if i == 0 and read_line(procs[0], 600).strip() != "ready":
                         raise _fail(procs[0])  # the first opens alone: party-L's leader
                 return {kind: _drive(procs, ctx.mp_duration, kind)}
             finally:
@@ -280,7 +280,7 @@ def _fail(proc: subprocess.Popen[str]) -> Failed:
 
 def _drive(procs: list[subprocess.Popen[str]], duration: float, kind: str) -> dict[str, Any]:
     for proc in procs[1:]:
-        if read_line(proc, 60).strip() != "ready":
+        if read_line(proc, 600).strip() != "ready":
             raise _fail(proc)
     for proc in procs:
         assert proc.stdin is not None
@@ -309,6 +309,7 @@ def _drive(procs: list[subprocess.Popen[str]], duration: float, kind: str) -> di
         out["min_reader_ops_per_s"] = min(r["ops_per_s"] for r in results
                                           if r["role"] == "reader")
     out["min_proc_ops_per_s"] = min(r["ops_per_s"] for r in results)
+    out["max_warm_s"] = max(r.get("warm_s", 0.0) for r in results)
     leaders = [r["role"] for r in results if r["db_role"] == "leader"]
     notes = []
     if leaders and kind == "w1r3":
@@ -408,12 +409,14 @@ WORKLOADS: dict[str, Workload] = {
         Line("w1r3", "ops_per_s", "1w+3r aggregate ops/s", "rate"),
         Line("w1r3", "writer_ops_per_s", "1w+3r writer ops/s", "rate"),
         Line("w1r3", "readers_ops_per_s", "1w+3r readers ops/s (sum)", "rate"),
-        Line("w1r3", "min_reader_ops_per_s", "1w+3r slowest reader ops/s", "rate")), NO_MP,
+        Line("w1r3", "min_reader_ops_per_s", "1w+3r slowest reader ops/s", "rate"),
+        Line("w1r3", "max_warm_s", "1w+3r warm-up s (read each key once)", "rate")), NO_MP,
         repeat=True),
     "read99": Workload(multi("read99"), ("read99",), (
         Line("read99", "us_per_op", "4 procs 99/1 get/put (1/agg)", plot=True),
         Line("read99", "ops_per_s", "4 procs 99/1 aggregate ops/s", "rate"),
-        Line("read99", "min_proc_ops_per_s", "4 procs 99/1 slowest proc ops/s", "rate")),
+        Line("read99", "min_proc_ops_per_s", "4 procs 99/1 slowest proc ops/s", "rate"),
+        Line("read99", "max_warm_s", "4 procs 99/1 warm-up s (read each key once)", "rate")),
         NO_MP, repeat=True),
     "bulk": Workload(bulk, ("bulk", "iter_bulk"), (
         Line("bulk", "us_per_op", "bulk load /key", plot=True),

@@ -71,7 +71,7 @@ SKIPS = {
         "database is a directory",
     "test_dbm_gnu.TestGdbm.test_context_manager":
         "gdbm's own closed message 'GDBM object has already been closed'; partydbm uses "
-        "dbm.dumb's and dbm.sqlite3's 'DBM object has already been closed' (CONTRACT.md)",
+        "dbm.dumb's and dbm.sqlite3's 'DBM object has already been closed' (docs/CONTRACT.md)",
     "test_dbm_dumb.DumbDBMTestCase.test_dumbdbm_creation_mode":
         "dbm.dumb file format: stats the .dat and .dir files",
     "test_dbm_dumb.DumbDBMTestCase.test_line_endings":
@@ -95,15 +95,15 @@ SKIPS = {
         "test_nonascii_filename covers the name)",
     "test_dbm_dumb.DumbDBMTestCase.test_invalid_flag":
         "dbm.dumb rejects 'rf'; partydbm accepts dbm.gnu's suffix letters "
-        "(open_flags == 'rwcnfsu', CONTRACT.md; TestGdbm.test_flags)",
+        "(open_flags == 'rwcnfsu', docs/CONTRACT.md; TestGdbm.test_flags)",
     "test_dbm_dumb.DumbDBMTestCase.test_check_closed":
         "calls iterkeys(), a dbm.dumb-only method outside the dbm API",
     "test_dbm_sqlite3.Misuse.test_misuse_iter_close1":
         "stores an int value (dbm.sqlite3's type coercion); partydbm raises TypeError "
-        "for types other than bytes and str (CONTRACT.md)",
+        "for types other than bytes and str (docs/CONTRACT.md)",
     "test_dbm_sqlite3.Misuse.test_misuse_iter_close2":
         "stores int values (dbm.sqlite3's type coercion); partydbm raises TypeError "
-        "for types other than bytes and str (CONTRACT.md)",
+        "for types other than bytes and str (docs/CONTRACT.md)",
     "test_dbm_sqlite3.Misuse.test_misuse_reinit":
         "Python-type detail of dbm.sqlite3's class: calls db.__init__(filename, flag=, "
         "mode=) on an open handle",

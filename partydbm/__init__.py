@@ -1,7 +1,7 @@
 """partydbm: a dbm database that many processes can open at once.
 
 LevelDB (plyvel) storage; the first process to take LevelDB's LOCK leads and serves the
-others over a unix socket (msgpack). See CONTRACT.md for the public contract.
+others over a unix socket (msgpack). See docs/CONTRACT.md for the public contract.
 """
 
 from ._errors import (

@@ -67,7 +67,7 @@ class LockHeld(Exception):
 
 
 class LockTainted(Exception):
-    """This process inherited LevelDB's in-process lock table through fork (trap 2)."""
+    """This process inherited LevelDB's lock table through fork (docs/TRAPS.md, trap 2)."""
 
 
 Range = tuple[bytes | None, bool, bytes | None, bool]  # (lo, lo_incl, hi, hi_incl), user keys
@@ -340,8 +340,8 @@ class Backend:
     def _scan_reverse(
         self, lo: bytes, lo_incl: bool, hi: bytes, hi_incl: bool, keys_only: bool
     ) -> Iterable[Any]:
-        # The reverse iterator() of plyvel 1.5.1 and plyvel-next 2.1.2 returns nothing for
-        # a one-key range (trap 3): walk a raw iterator backwards instead.
+        # The reverse iterator() of plyvel 1.5.1 and plyvel-next 2.1.2 misses a one-key
+        # range (docs/TRAPS.md, trap 3): walk a raw iterator backwards instead.
         it = self._db.raw_iterator()
         try:
             it.seek(hi)

@@ -22,7 +22,8 @@ How the cache keeps it:
   new leader retires the old ring before it serves anything.
 
 Memory: entries are counted in bytes (key, value and OVERHEAD); past the limit the
-least recently used go (an OrderedDict). Values above VALUE_MAX are never cached.
+oldest go first, in the order they were fetched (a hit does not move an entry: that
+would cost every cached read a call). Values above VALUE_MAX are never cached.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Invariants enforced here:
 - Only the process holding LevelDB's LOCK may unlink a socket file or bind the address.
 - One LockFile (one fd on LOCK) per database per process, never closed while the
   process lives: closing *any* fd of LOCK drops the process's POSIX lock, LevelDB's
-  included (DESIGN.md trap 1).
+  included (docs/TRAPS.md, trap 1).
 - Waiting for leadership blocks in fcntl on LOCK itself (no polling): the kernel wakes
   exactly one waiter when the holder dies.
 """
@@ -336,7 +336,7 @@ HELPER_LOCK_NAME = "partydbm.helper-lock"
 
 class HelperLock:
     """The right to keep a helper leader for a database (see _helper), among processes
-    that cannot open it themselves (forked from a leader: DESIGN.md trap 2).
+    that cannot open it themselves (forked from a leader: docs/TRAPS.md, trap 2).
 
     When a leader with a crowd of such children dies, each would start a helper, a new
     interpreter: 150 at once on 2 CPUs took longer than the children's timeout to lead

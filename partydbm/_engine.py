@@ -44,7 +44,7 @@ from ._store import Store
 
 MAX_BACKOFF = 0.005
 shutting_down = False  # set by _registry at interpreter exit
-tainted: set[str] = set()  # paths whose LevelDB lock table this process inherited (trap 2)
+tainted: set[str] = set()  # paths whose LevelDB lock table we inherited (docs/TRAPS.md, trap 2)
 leftovers: list[Any] = []  # backends inherited through fork: never closed, never freed
 
 Route = LocalRoute | RemoteRoute | Unrouted | ClosedRoute
@@ -134,11 +134,19 @@ class Engine:
         then serve, then let the handles' requests take the local route. Raises with
         the LOCK still held: the caller gives it back."""
         backend = open_db(self.path)
-        # Before anything is read or written: a follower that has not noticed the old
-        # leader's death must stop answering from its cache (_cache.py).
-        _ring.retire_at(self.path)
-        _seams.passage("promote")  # the old ring is retired; nothing served yet
-        store = Store(backend, Publisher(self.path, stat.S_IMODE(os.stat(self.path).st_mode)))
+        try:
+            # Before anything is read or written: a follower that has not noticed the
+            # old leader's death must stop answering from its cache (_cache.py).
+            _ring.retire_at(self.path)
+            _seams.passage("promote")  # the old ring is retired; nothing served yet
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+            store = Store(backend, Publisher(self.path, mode))
+        except BaseException:
+            # Closed before the caller gives the LOCK back: giving back the process's
+            # lock with LevelDB still open would let a second process open it.
+            backend.close()
+            raise
+        server: Server | None = None
         try:
             if _seams.resend_delay and slots:
                 time.sleep(_seams.resend_delay)
@@ -154,6 +162,8 @@ class Engine:
             server = Server(store, self.address, self.path, self._observer, self.serve_only)
             server.start()
         except BaseException:
+            if server is not None:
+                server.stop()  # its socket and threads, if it got that far
             store.close()
             raise
         self.server = server
@@ -345,7 +355,7 @@ class Engine:
             "LevelDB user, a hung leader, or a leader still starting)")
 
     def _ensure_helper(self) -> None:
-        """A process forked from a leader can never open LevelDB itself (trap 2): it
+        """A process forked from a leader can never open LevelDB itself (docs/TRAPS.md, trap 2): it
         leads through a fresh helper process that lives as long as it does."""
         if self._helper is not None and self._helper.poll() is None:
             return

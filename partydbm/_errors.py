@@ -33,7 +33,7 @@ class ProtocolError(error):
     """A peer sent something partydbm cannot understand."""
 
 
-class Timeout(error, TimeoutError):  # the name CONTRACT.md promises
+class Timeout(error, TimeoutError):  # the name docs/CONTRACT.md promises
     """No leader answered within the handle's timeout."""
 
 

@@ -1,7 +1,7 @@
 """`python -m partydbm._helper PATH`: lead a database for a process that cannot.
 
 A process forked while its parent held the database open inherits LevelDB's in-process
-lock table and can never open it (DESIGN.md trap 2). When such a process needs a leader,
+lock table and can never open it (docs/TRAPS.md, trap 2). When such a process needs a leader,
 it starts this helper: a fresh interpreter that opens the database like any other
 process (leading if it wins the LOCK) and keeps it open until its standard input
 closes, i.e. until the process that started it is gone.

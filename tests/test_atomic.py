@@ -183,3 +183,36 @@ def test_a_followers_outcomes_are_kept_for_its_last_requests_only(tmp_path: Path
         again.load(store, b"client")  # what the next leader reads at the hello
         assert (again.applied, again.kept) == (100, kept)
         assert len(db) == 0
+
+
+def test_a_close_from_inside_a_call_does_not_wait_for_itself(tmp_path: Path) -> None:
+    """A handle's __del__ run by the garbage collector in the middle of one of the
+    store's own calls closes the store from inside that call: it cannot wait for the
+    call to leave (it would wait for ever). LevelDB is closed once the call has left."""
+    import threading
+    import time
+
+    db = partydbm.open(tmp_path / "db")
+    db[b"k"] = b"v"
+    store = db._engine.route.store  # type: ignore[union-attr]
+    real_get = store._raw_get
+
+    def get_and_close(key: bytes) -> bytes | None:
+        value: bytes | None = real_get(key)
+        store.close()  # what a finalizer closing the last handle would do
+        assert store.backend is not None  # not under this very call
+        return value
+
+    store._raw_get = get_and_close
+    done: list[bytes | None] = []
+    t = threading.Thread(target=lambda: done.append(store.get(b"k")))
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and done == [b"v"]
+    deadline = time.monotonic() + 10
+    while store.backend is not None:
+        assert time.monotonic() < deadline, "LevelDB was never closed"
+        time.sleep(0.001)
+    with pytest.raises(partydbm.ClosedError):
+        store.get(b"k")
+    db.close()

@@ -245,30 +245,35 @@ def test_writes_issued_while_becoming_leader_apply_after_the_ones_in_flight(
 
 FAIL_TAKEOVER_ONCE = """
 from partydbm import _engine
-_real_open_db = _engine.open_db
-def _fail_once(path):
-    _engine.open_db = _real_open_db
-    raise partydbm.error(5, "injected: LevelDB would not open")
-_engine.open_db = _fail_once
+_real = _engine.{name}
+def _fail_once(*args):
+    _engine.{name} = _real
+    raise partydbm.error(5, "injected: the takeover fails")
+_engine.{name} = _fail_once
 """
+LEVELDB_LOGS = ("sum(os.readlink(f'/proc/self/fd/' + fd).endswith('.log') "
+                "for fd in os.listdir('/proc/self/fd') if os.path.exists(f'/proc/self/fd/' + fd))")
 
 
-def test_a_takeover_that_fails_gives_the_lock_back(tmp_path: Path) -> None:
-    """B wins the LOCK when the leader dies but cannot open LevelDB: it must give the
-    LOCK back (it used to keep it, serving nothing, and every other process timed out)
-    and carry on as a follower of whoever leads next."""
-
-
+@pytest.mark.parametrize("name", ["open_db", "Publisher"])
+def test_a_takeover_that_fails_gives_the_lock_back(tmp_path: Path, name: str) -> None:
+    """B wins the LOCK when the leader dies but its takeover fails, before LevelDB is
+    open (open_db) or after (Publisher): it must close LevelDB and give the LOCK back
+    (it used to keep the LOCK, serving nothing, and every other process timed out; a
+    LOCK given back with LevelDB still open would let two processes open it) and carry
+    on as a follower of whoever leads next."""
     path = tmp_path / "db"
     with Party() as party:
         a = party.repl(env={"PARTYDBM_CRASH_AT": "before_apply"})
         b = party.repl()
         assert a.open(path) == "leader"
         assert b.open(path) == "follower"
-        b.exec(FAIL_TAKEOVER_ONCE)
+        b.exec(FAIL_TAKEOVER_ONCE.format(name=name))
         with pytest.raises(RemoteError) as info:
             b.exec("db[b'k'] = b'lost with the leader'")  # A dies; B's takeover fails
         assert info.value.isa("error") and "injected" in info.value.message
+        if b.eval("db.is_leader") is False:  # (its next try may have led already)
+            assert b.eval(LEVELDB_LOGS) == 0, "LevelDB left open by the failed takeover"
         c = party.repl()
         # The LOCK was given back: C opens at once, leading, or following B if B took
         # it again meanwhile (its next try opens LevelDB). It used to time out.

@@ -1,4 +1,4 @@
-"""Handles inherited through fork (CONTRACT.md "Many processes"; DESIGN.md trap 2).
+"""Handles inherited through fork (docs/CONTRACT.md "Many processes, fork"; docs/TRAPS.md, trap 2).
 
 Each scenario runs inside a worker process (tests/workers/fork.py), so pytest itself
 never forks while it holds a database; the worker reports one JSON line and the test

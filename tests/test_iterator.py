@@ -36,7 +36,7 @@ def model_scan(model: dict[bytes, bytes], start: bytes | None = None,
 ABC = {b"a": b"1", b"b": b"2", b"c": b"3"}
 
 
-# -- the plyvel reverse one-key bug (DESIGN.md trap 3) -----------------------------------------
+# -- the plyvel reverse one-key bug (docs/TRAPS.md, trap 3) -----------------------------------
 @pytest.mark.parametrize(("kwargs", "expect"), [
     ({"start": b"c"}, [(b"c", b"3")]),
     ({"start": b"b", "stop": b"c"}, [(b"b", b"2")]),

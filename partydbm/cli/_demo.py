@@ -162,7 +162,7 @@ class Demo:
 
 def lock_holder(path: str) -> int | None:
     """The pid holding the database's LevelDB LOCK. The fd is closed at once: this
-    process must never keep an fd on LOCK while it opens the database (trap 1)."""
+    process must never keep an fd on LOCK while it opens the database (docs/TRAPS.md, trap 1)."""
     try:
         lockfile = LockFile(path)
     except OSError:

@@ -27,7 +27,7 @@ every child wrote M keys; then each writes M more (see PreforkStorm). The report
 how many helper processes were alive at the end.
 
 The parent never opens the database before the children are gone (a child forked from
-a leader could not lead, DESIGN.md trap 2), then reads it back and compares with the
+a leader could not lead, docs/TRAPS.md, trap 2), then reads it back and compares with the
 model built from what each child says was acknowledged. Every wait has a deadline;
 children still alive at the end are SIGKILLed and every one is reaped.
 """
@@ -205,7 +205,7 @@ def _after_kill(crowd: Crowd, t_kill: float) -> dict[str, Any]:
 class PreforkStorm:
     """A leader process P (which the parent forks, and later SIGKILLs) opens PATH and
     forks the crowd, which uses P's handle (a server's workers forked after it opened
-    the database): they can never lead themselves (DESIGN.md trap 2), so a helper
+    the database): they can never lead themselves (docs/TRAPS.md, trap 2), so a helper
     process must lead for them, and one is enough."""
 
     def __init__(self, path: Path, n: int, writes: int, timeout: float) -> None:
