@@ -1,8 +1,10 @@
 # Quick start: `make demo` (a live multi-process demonstration) and `make test`.
 # Both create the virtual environment they need. PYTHON picks the interpreter;
-# VENV the environment (so 3.11 and 3.13 can live side by side).
+# VENV the environment (so 3.11 and 3.13 can live side by side); EXTRAS the optional
+# dependencies installed with it (CI adds `bindings` on 3.12: both LevelDB bindings).
 PYTHON ?= python3
 VENV ?= .venv
+EXTRAS ?= test
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -50,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf .venv .venv313 *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv310 .venv312 .venv313 *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -42,7 +42,8 @@ import time
 from typing import Any
 
 import msgpack
-import plyvel
+
+from partydbm._backend import plyvel  # plyvel or plyvel-next, as partydbm
 
 KEYS = 5_000
 VALUE = b"v" * 100

@@ -116,7 +116,7 @@ def _chunks(pairs: Iterable[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, 
 
 def open_store(system: str, path: str, task: dict[str, Any]) -> Store:
     if system == "plyvel":
-        import plyvel
+        from partydbm._backend import plyvel  # plyvel or plyvel-next, as partydbm
 
         db = plyvel.DB(path, create_if_missing=True)
 

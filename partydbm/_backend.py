@@ -1,4 +1,10 @@
-"""LevelDB storage through plyvel; the only plyvel importer.
+"""LevelDB storage through plyvel; the only importer of a LevelDB binding.
+
+Two bindings with the same API are accepted: plyvel-next (module `plyvel_next`, LevelDB
+1.23, wheels for CPython 3.12+ on Linux, macOS and Windows) and plyvel 1.5.1 (wheels for
+CPython up to 3.12 on Linux x86_64 only). pyproject.toml asks for exactly one of them
+per interpreter. Where both are installed, plyvel_next is used, always: the choice
+depends on nothing but what is installed. `plyvel` below is whichever was chosen.
 
 Key layout: user keys live under the prefix b"k" (so user key K is stored as b"k"+K),
 partydbm's own records under b"m". Users never see b"m" keys: every user-facing scan
@@ -19,16 +25,34 @@ Records under b"m":
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import stat
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import plyvel
-
 from ._errors import error
 from ._protocol import pack, too_big, unpack
+
+BINDINGS = ("plyvel_next", "plyvel")  # in the order of preference
+
+
+def _binding() -> Any:
+    """The first of BINDINGS that is installed. One that is installed but fails to
+    import (a broken build) raises: quietly taking the other would hide it."""
+    for name in BINDINGS:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    raise ModuleNotFoundError(
+        "partydbm needs a LevelDB binding: pip install plyvel-next (Python 3.12+) or "
+        "plyvel (Python 3.10, 3.11)", name=BINDINGS[-1])
+
+
+plyvel = _binding()
 
 USER = b"k"
 USER_END = b"l"
@@ -65,15 +89,33 @@ def open_db(path: str) -> Backend:
         db = plyvel.DB(path, create_if_missing=_is_new(path))
     except plyvel.IOError as exc:
         msg = exc.args[0] if exc.args else b""
-        if isinstance(msg, bytes) and b"already held by process" in msg:
-            raise LockTainted(path) from exc
-        if isinstance(msg, bytes) and b"Resource temporarily unavailable" in msg:
-            raise LockHeld(path) from exc
+        kind = lock_failure(msg) if isinstance(msg, bytes) else None
+        if kind is not None:
+            raise kind(path) from exc
         raise storage_error(exc, f"cannot open LevelDB at {path!r}") from exc
     except plyvel.Error as exc:
         raise storage_error(exc, f"cannot open LevelDB at {path!r}") from exc
     narrow_logs(path)
     return Backend(db)
+
+
+# LevelDB (1.22 in plyvel's wheels, 1.23 in plyvel-next's) words a failed lock as
+# "IO error: lock <path>/LOCK: <why>": its own table of this process's locks says
+# "already held by process"; fcntl(F_SETLK) on a LOCK another process holds fails with
+# EAGAIN, or EACCES where POSIX lets a system choose (strerror's text either way).
+# Failing to open the LOCK file has no "lock " before the path, and is no lock failure.
+_LOCK_PREFIX = b"IO error: lock "
+_TAINTED = b": already held by process"
+_HELD = tuple(b": " + os.strerror(e).encode() for e in (errno.EAGAIN, errno.EACCES))
+
+
+def lock_failure(msg: bytes) -> type[LockHeld] | type[LockTainted] | None:
+    """Which lock failure LevelDB's message for a failed open names, if any."""
+    if not msg.startswith(_LOCK_PREFIX):
+        return None
+    if msg.endswith(_TAINTED):
+        return LockTainted
+    return LockHeld if msg.endswith(_HELD) else None
 
 
 def narrow_logs(path: str) -> None:
@@ -298,8 +340,8 @@ class Backend:
     def _scan_reverse(
         self, lo: bytes, lo_incl: bool, hi: bytes, hi_incl: bool, keys_only: bool
     ) -> Iterable[Any]:
-        # plyvel 1.5.1's reverse iterator() misses a one-key range (docs/TRAPS.md, trap 3):
-        # walk a raw iterator backwards instead.
+        # The reverse iterator() of plyvel 1.5.1 and plyvel-next 2.1.2 misses a one-key
+        # range (docs/TRAPS.md, trap 3): walk a raw iterator backwards instead.
         it = self._db.raw_iterator()
         try:
             it.seek(hi)

@@ -15,26 +15,30 @@ from typing import Any
 
 from . import _protocol as P
 from . import _sockets
-from ._election import may_access
+from ._election import may_access, relink
 from ._errors import LeaderLostError, ProtocolError, Timeout, from_wire
 
 RECV_SIZE = 64 * 1024  # larger reads made glibc mmap/munmap per recv
 
 
-def _check_leader(sock: _sockets.Socket, address: str | bytes, db_path: str) -> None:
-    """Send nothing to a process that could not use the database files itself (a
-    squatter on an abstract address, another user's socket): it would get our writes
-    and could forge our reads."""
+def _check_leader(sock: _sockets.Socket, address: str, db_path: str) -> None:
+    """Send nothing to a process that could not use the database files itself (another
+    user's socket planted in the directory): it would get our writes and could forge
+    our reads. Where the kernel cannot say who is at the other end, the owner of the
+    socket file stands for the leader (it ran as that uid when it bound the file)."""
     try:
-        pid, uid, gid = _sockets.peer_credentials(sock)
-        trusted = may_access(db_path, uid, gid, _sockets.peer_groups(sock))
+        pid, uid, gid, groups = _sockets.peer_credentials(sock)
+        if uid is None:
+            pid, uid, gid, groups = _sockets.file_owner(address)
+        trusted = uid is not None and may_access(db_path, uid, gid, groups)
     except BaseException:
         _sockets.hang_up(sock)
         raise
     if not trusted:
         _sockets.hang_up(sock)
+        who = f"process {pid}" if pid else "the process"  # 0: the kernel did not say
         raise _sockets.Refused(
-            f"process {pid} (uid {uid}) serves {address!r} but could not read and write "
+            f"{who} (uid {uid}) serves {address!r} but could not read and write "
             f"{db_path!r} itself: not a partydbm leader we trust")
 
 
@@ -96,7 +100,7 @@ class Connection:
         self._pack = P.packer()  # used under send_lock only
 
     @classmethod
-    def open(cls, address: str | bytes, client: bytes, rids: Iterator[int],
+    def open(cls, address: str, client: bytes, rids: Iterator[int],
              timeout: float | None, db_path: str | None = None, ring: bool = False
              ) -> Connection:
         """Connect and say hello, both within `timeout`. Raises OSError (no leader there;
@@ -104,6 +108,7 @@ class Connection:
         address; _sockets.Busy: its backlog stayed full throughout) or error. `ring`:
         ask for the leader's change ring (its epoch lands in `ring_epoch`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        relink(address)
         sock = _sockets.connect(address, deadline)
         if db_path is not None:
             _check_leader(sock, address, db_path)

@@ -31,9 +31,9 @@ class Peer:
     kept: list[int] = field(default_factory=list)  # rids whose outcomes are stored
     inline: dict[int, Any] = field(default_factory=dict)  # outcomes in an old record
     attached: bool = False  # uses the leader's change ring (a Publisher counts it)
-    pid: int = 0
-    uid: int = -1
-    gid: int = -1
+    pid: int = 0  # 0, uid None: the kernel cannot tell (see _sockets.peer_credentials)
+    uid: int | None = None
+    gid: int | None = None
     groups: set[int] | None = None
 
     def load(self, store: Store, client: bytes) -> None:

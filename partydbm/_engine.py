@@ -346,7 +346,8 @@ class Engine:
         if pid is None:
             return Timeout(
                 f"no partydbm leader answered for {self.path!r} in time, and no process "
-                "holds LevelDB's LOCK now (the leader changed while we waited: try again)")
+                "can be named as holding LevelDB's LOCK now (none holds it: the leader "
+                "changed while we waited, try again; or this system cannot tell)")
         where = shown_address(self.path, self.address)
         return Timeout(
             f"no partydbm leader answered for {self.path!r} in time: LevelDB's LOCK is "

@@ -60,7 +60,7 @@ Observer = Callable[[str, int, int], None]  # (event, follower pid, followers co
 
 
 class Server:
-    def __init__(self, store: Store, address: str | bytes, db_path: str,
+    def __init__(self, store: Store, address: str, db_path: str,
                  observer: Observer | None = None, serve_only: bool = False) -> None:
         """`serve_only`: this process only serves (`partydbm serve`, the fork helper):
         nothing in it polls, so its serving threads never park, and none of them give
@@ -168,7 +168,9 @@ class Server:
             self._threads.add(t)
             try:
                 t.start()  # under the lock: stop() must never see an unstarted thread
-            except RuntimeError:  # "can't start new thread"
+            except RuntimeError:  # "can't start new thread"; on 3.12+ also once the
+                # interpreter exits: then a later try finds the server stopped (atexit)
+                # and hangs up, or the exit itself ends the connection
                 self._conns.discard(sock)
                 self._threads.discard(t)
                 return False
@@ -182,8 +184,7 @@ class Server:
         observed = False
         try:
             _sockets.serve_options(sock)
-            peer.pid, peer.uid, peer.gid = _sockets.peer_credentials(sock)
-            peer.groups = _sockets.peer_groups(sock)
+            peer.pid, peer.uid, peer.gid, peer.groups = _sockets.peer_credentials(sock)
             # Unique while it runs (as the fd is): py-spy and threading show whom it serves.
             threading.current_thread().name = (
                 f"partydbm-serve pid {peer.pid} fd {sock.fileno()} {self.db_path}")
@@ -331,17 +332,30 @@ class Server:
         return pack([rid, True, {"v": P.VERSION, "pid": os.getpid(), "ring": epoch}]), False
 
 
+PER_THREAD_NICENESS = sys.platform.startswith("linux") and hasattr(os, "setpriority")
+"""Whether setpriority() on a native thread id sets that thread's niceness (Linux). On
+macOS and the BSDs that id is no pid, and a process has one niceness for all its
+threads: there the serving threads keep the application's priority."""
+
+
 def _serving_niceness() -> int | None:
     """The niceness for this process's serving threads: SERVE_NICENESS above the calling
     thread's, or None (leave them as they are) on one CPU or where it cannot be known."""
-    if sys.platform != "linux":
+    if not PER_THREAD_NICENESS:
         return None
     try:
-        if len(os.sched_getaffinity(0)) < 2:
+        if _usable_cpus() < 2:
             return None
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + SERVE_NICENESS
     except OSError:
         return None
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _give_way(niceness: int | None) -> None:

@@ -1,4 +1,11 @@
-"""Unix-socket plumbing; the only socket importer."""
+"""Unix-socket plumbing; the only socket importer.
+
+The whole transport between leader and followers is here (the rest of partydbm sees an
+address, a socket object and these functions), so another one (Windows named pipes)
+would be a change to this module. What differs between Linux, macOS and the BSDs sits
+behind a small function each, with a fallback that is tested on Linux by switching the
+Linux way off through the module attribute that selects it.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +17,28 @@ import select
 import socket
 import stat
 import struct
+import sys
+import tempfile
 import time
+from typing import NamedTuple
 
 from . import _seams
 
 Socket = socket.socket
 DONTWAIT = socket.MSG_DONTWAIT
 
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+LINUX = sys.platform.startswith("linux")
+MACOS = sys.platform == "darwin"
+_XUCRED_SYSTEMS = MACOS or sys.platform.startswith(("freebsd", "dragonfly"))
+
+# The peer closed its end (Linux): what wait_hangup() waits for, 0 where poll() has no
+# such event; then it waits for POLLHUP, which poll() reports whatever is asked.
+POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
+
+# Set the socket's bits with fchmod() before bind(): Linux then creates the file with
+# them (less the umask). Elsewhere fchmod() on a socket fails or does nothing, and
+# listen() binds in a private directory instead (_bind_privately).
+FCHMOD_BEFORE_BIND = LINUX
 
 # A backlog larger than any system allows: Linux (and the BSDs) silently cap listen(n)
 # at the system's limit (Linux: /proc/sys/net/core/somaxconn, 4096 since 5.4, 128
@@ -27,23 +48,43 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 BACKLOG = 65535
 
 
-def listen(address: str | bytes, file_mode: int) -> socket.socket:
+def listen(address: str, file_mode: int) -> socket.socket:
     """Bind and listen. The socket file gets the database files' permission bits, so
-    it is no wider than the database itself.
-
-    The bits are set on the socket before bind() (Linux creates the file from them,
-    minus the umask): the file is never wider, not even for an instant, and nothing
-    is ever chmod()ed by path, which would follow a symlink swapped in after bind."""
+    it is no wider than the database itself: never, not even for an instant, and
+    nothing is ever chmod()ed at a path another user could swap a symlink into."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        os.fchmod(sock.fileno(), file_mode & 0o666)
-        sock.bind(address)
+        if FCHMOD_BEFORE_BIND:
+            os.fchmod(sock.fileno(), file_mode & 0o666)
+            sock.bind(address)
+        else:
+            _bind_privately(sock, address, file_mode & 0o666)
         backlog = _seams.listen_backlog
         sock.listen(BACKLOG if backlog is None else backlog)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _bind_privately(sock: socket.socket, address: str, bits: int) -> None:
+    """Bind at `address` with the file's bits `bits` (less the umask) where they cannot
+    be set before bind(): bind inside a new directory beside it that only we may enter
+    (mkdtemp: 0700), narrow the file there, then rename it into place. Nobody can
+    connect before the bits are right; rename() replaces whatever is at `address`
+    without following it. The name is no longer than `address`'s (it fits the limit)."""
+    private = tempfile.mkdtemp(prefix=".p", dir=os.path.dirname(address))
+    inside = os.path.join(private, "s")
+    try:
+        sock.bind(inside)
+        os.chmod(inside, bits & os.lstat(inside).st_mode)  # bind() applied the umask
+        os.rename(inside, address)
+    finally:
+        try:
+            os.unlink(inside)  # only if the rename did not happen
+        except FileNotFoundError:
+            pass
+        os.rmdir(private)
 
 
 # A blocking socket whose recv/send give up after SLICE (SO_RCVTIMEO/SO_SNDTIMEO) lets
@@ -71,14 +112,13 @@ class Busy(TimeoutError):
 CONNECT_BACKOFF = (0.001, 0.05)
 
 
-def connect(address: str | bytes, deadline: float | None) -> socket.socket:
+def connect(address: str, deadline: float | None) -> socket.socket:
     """Connect to a leader, waiting (until `deadline`, a time.monotonic() value; None:
     for ever) while its listen backlog is full. A path that is not a socket itself (a
     symlink to one included) is refused without connecting: connect() would follow it."""
-    if isinstance(address, str):
-        mode = os.lstat(address).st_mode  # FileNotFoundError: no leader there
-        if not stat.S_ISSOCK(mode):
-            raise NotASocket(errno.ECONNREFUSED, f"not a socket ({_kind(mode)})", address)
+    mode = os.lstat(address).st_mode  # FileNotFoundError: no leader there
+    if not stat.S_ISSOCK(mode):
+        raise NotASocket(errno.ECONNREFUSED, f"not a socket ({_kind(mode)})", address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _connect_patiently(sock, address, deadline)
@@ -91,7 +131,7 @@ def connect(address: str | bytes, deadline: float | None) -> socket.socket:
     return sock
 
 
-def _connect_patiently(sock: socket.socket, address: str | bytes,
+def _connect_patiently(sock: socket.socket, address: str,
                        deadline: float | None) -> None:
     """connect() that retries, with backoff, while the backlog is full. The socket is
     non-blocking: a blocking connect() would wait in the kernel for room, but a signal
@@ -153,7 +193,7 @@ def serve_options(sock: socket.socket) -> None:
 def readable(sock: socket.socket, timeout: float) -> bool:
     """Whether `sock` has data (or EOF) within `timeout` seconds."""
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    poller.register(sock.fileno(), select.POLLIN | POLLRDHUP)
     end = time.monotonic() + timeout
     while True:
         try:
@@ -199,25 +239,87 @@ def recv_some(sock: socket.socket, size: int, deadline: float | None) -> bytes:
                 raise TimeoutError("no answer") from None
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end (Linux SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return pid, uid, gid
+class Credentials(NamedTuple):
+    """Who a process is, as far as the kernel tells: pid 0 and uid/gid None where it
+    cannot; groups (supplementary) None where unknown."""
+
+    pid: int
+    uid: int | None
+    gid: int | None
+    groups: set[int] | None
 
 
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+UNKNOWN = Credentials(0, None, None, None)
+
+# How to ask the kernel who is at the other end of a connection, None where there is
+# no such way (module attributes: tests switch a way off to run what comes next).
+SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None) if LINUX else None
+SO_PEERGROUPS: int | None = getattr(socket, "SO_PEERGROUPS", 59) if LINUX else None
+LOCAL_PEERCRED: int | None = getattr(socket, "LOCAL_PEERCRED", 1) if _XUCRED_SYSTEMS else None
+LOCAL_PEERPID: int | None = getattr(socket, "LOCAL_PEERPID", 2) if MACOS else None
+SOL_LOCAL = 0  # the level of LOCAL_PEERCRED and LOCAL_PEERPID
+
+_UCRED = struct.Struct("3i")  # Linux struct ucred: pid, uid, gid
+_XUCRED = struct.Struct("IIh16I")  # struct xucred: version, uid, ngroups, groups[16]
 _MAX_GROUPS = 256  # Python caps getsockopt buffers at 1024 bytes
 
 
-def peer_groups(sock: socket.socket) -> set[int] | None:
+def peer_credentials(sock: socket.socket) -> Credentials:
+    """Who is at the other end of `sock` (as of connect()): Linux SO_PEERCRED and
+    SO_PEERGROUPS; macOS and the BSDs LOCAL_PEERCRED (uid, groups) and, on macOS,
+    LOCAL_PEERPID; UNKNOWN where none of these works. Then only the socket file's
+    permission bits, which the kernel checks at connect(), say who could connect."""
+    if SO_PEERCRED is not None:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, _UCRED.size)
+        pid, uid, gid = _UCRED.unpack(raw)
+        return Credentials(pid, uid, gid, _peer_groups(sock))
+    if LOCAL_PEERCRED is not None:
+        try:
+            raw = sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, _XUCRED.size)
+        except OSError:
+            return UNKNOWN
+        return parse_xucred(raw, _peer_pid(sock))
+    return UNKNOWN
+
+
+def parse_xucred(raw: bytes, pid: int) -> Credentials:
+    """Credentials from a struct xucred (cr_groups[0] is the effective gid); UNKNOWN
+    for a layout version or size we do not know."""
+    if len(raw) < _XUCRED.size:
+        return UNKNOWN
+    version, uid, ngroups, *groups = _XUCRED.unpack_from(raw)
+    if version != 0 or not 0 < ngroups <= len(groups):
+        return UNKNOWN
+    return Credentials(pid, uid, groups[0], set(groups[:ngroups]))
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    if LOCAL_PEERPID is None:
+        return 0
+    try:
+        return int.from_bytes(sock.getsockopt(SOL_LOCAL, LOCAL_PEERPID, 4), sys.byteorder)
+    except OSError:
+        return 0
+
+
+def _peer_groups(sock: socket.socket) -> set[int] | None:
     """The supplementary groups of the process at the other end when it connected
-    (Linux SO_PEERGROUPS), or None where the kernel cannot tell."""
+    (Linux >= 4.13), or None where the kernel cannot tell."""
+    if SO_PEERGROUPS is None:
+        return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_GROUPS)
     except OSError:
         return None
     return set(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
+def file_owner(address: str) -> Credentials:
+    """The owner of the socket file at `address`: the process that bound it ran as that
+    uid (a file renamed into the directory keeps its owner). Only someone who could
+    write the database directory can have put it there."""
+    st = os.lstat(address)
+    return Credentials(0, st.st_uid, st.st_gid, None)
 
 
 def peer_open(sock: socket.socket) -> bool:
@@ -233,10 +335,11 @@ def peer_open(sock: socket.socket) -> bool:
 
 def wait_hangup(sock: socket.socket) -> None:
     """Block until the connection ends (peer gone, or our own hang_up()). Replies
-    arriving meanwhile do not wake it: it waits for POLLRDHUP, not POLLIN."""
+    arriving meanwhile do not wake it: it waits for POLLRDHUP (or POLLHUP), not
+    POLLIN."""
     poller = select.poll()
     try:
-        poller.register(sock.fileno(), select.POLLRDHUP)
+        poller.register(sock.fileno(), POLLRDHUP)
     except (OSError, ValueError):
         return
     while True:

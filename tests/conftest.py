@@ -10,8 +10,10 @@ opened at teardown, before the Holder lets go of the path.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -110,8 +112,21 @@ def open_db(role: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
             h.close_db(path)
 
 
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A world-traversable directory (pytest's tmp_path is 0700: another user could
+    reach nothing there whatever the database's mode, which would prove nothing)."""
+    path = Path(tempfile.mkdtemp(prefix="partydbm-access-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 PLYVEL_PROBE = """
-import sys, plyvel
+import sys
+from partydbm._backend import plyvel  # the binding partydbm uses here
 try:
     plyvel.DB(sys.argv[1]).close()
 except plyvel.IOError as exc:

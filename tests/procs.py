@@ -5,7 +5,8 @@ tests/workers/) or `python -c CODE` (a user's script), in a session of its own, 
 it and everything it starts (forked children, partydbm's helper leaders) form one
 process group. Every wait on a worker has a deadline; `Party` SIGKILLs each group and
 reaps its worker in a `finally`, whatever the test did. Each worker loads the test seams
-(`partydbm._seams.load(os.environ)`) first thing, so `env={"PARTYDBM_...": ...}` reaches it.
+(`partydbm._seams.load(os.environ)`) first thing, so `env={"PARTYDBM_...": ...}` reaches it,
+and sets the module attributes named in PARTYDBM_TEST_SET (tests.workers.SETTINGS).
 
 The `repl` worker runs Python sent to it line by line (JSON, with bytes kept as bytes)
 and answers one line each, so a test can drive several processes step by step:
@@ -59,9 +60,11 @@ class RemoteError(RuntimeError):
         return all(name in self.mro for name in names)
 
 
-def worker_argv(name: str, *args: Any) -> list[str]:
-    """The interpreter arguments that start worker NAME of tests/workers/."""
-    return ["-m", "tests.workers", name, *map(str, args)]
+def worker_argv(name: str, *args: Any, without: str | None = None) -> list[str]:
+    """The interpreter arguments that start worker NAME of tests/workers/; `without`: a
+    module the worker cannot import (a LevelDB binding: partydbm takes the other)."""
+    blocked = [] if without is None else ["--without", without]
+    return ["-m", "tests.workers", *blocked, name, *map(str, args)]
 
 
 # -- one worker ----------------------------------------------------------------------------
@@ -228,8 +231,9 @@ class Party:
         """`python -c CODE ARGS...` (a user's script, nothing of the tests imported)."""
         return self._add(Worker(["-c", code, *map(str, args)], env))
 
-    def repl(self, env: dict[str, str] | None = None) -> Worker:
-        return self.spawn("repl", env=env)
+    def repl(self, env: dict[str, str] | None = None, without: str | None = None) -> Worker:
+        """A repl worker; `without`: a module it cannot import (see worker_argv)."""
+        return self._add(Worker(worker_argv("repl", without=without), env))
 
     def repls(self, n: int) -> list[Worker]:
         return [self.repl() for _ in range(n)]

@@ -184,7 +184,7 @@ def test_dispatch_of_arbitrary_requests_answers_or_raises_a_partydbm_error(
        hello=st.booleans())
 def test_the_servers_request_handler_always_produces_one_well_formed_reply(
         leader: partydbm.PartyDBM, msg: Any, hello: bool) -> None:
-    server = Server(_store(leader), b"\0unused", leader.name)
+    server = Server(_store(leader), "unused", leader.name)  # never started
     peer = Peer(client=b"fuzz-client" if hello else None)
     before = _stored(leader)
     reply, fatal = server._handle(peer, msg, P.pack)

@@ -19,7 +19,7 @@ from partydbm import _protocol as P
 from partydbm._dispatch import Peer
 from partydbm._passing import Conn, Passing
 
-from .procs import DEADLINE, Party, Worker
+from .procs import DEADLINE, Party, Worker, wait_for
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.heavy]
 
@@ -163,10 +163,18 @@ def test_an_interrupt_while_answering_in_passing_loses_and_repeats_nothing(
     assert leader.open(path) == "leader"
     assert follower.open(path) == "follower"
     leader.exec("import threading\n" + INTERRUPT_ONCE)
-    seed = int.from_bytes(os.urandom(4), "big")
-    print(f"thread workload seed {seed}")
-    outcome = follower.eval(f"thread_workload(db, {seed}, nops=300)", timeout=60)
-    assert outcome["errors"] == [], "\n".join(outcome["errors"])
+    deadline = time.monotonic() + DEADLINE
+    # A round nearly always interrupts; on a loaded machine the busy thread may answer
+    # fewer than 20 of its requests in passing (see _passes): start again, afresh.
+    while True:
+        seed = int.from_bytes(os.urandom(4), "big")
+        print(f"thread workload seed {seed}")
+        follower.exec("db.clear()")
+        outcome = follower.eval(f"thread_workload(db, {seed}, nops=300)", timeout=60)
+        assert outcome["errors"] == [], "\n".join(outcome["errors"])
+        if leader.eval("interrupted"):
+            break
+        assert time.monotonic() < deadline, "never 20 requests answered in passing"
     assert len(leader.eval("interrupted")) == 1
     leader.exec("busy_stop.set(); busy_thread.join()")
     assert follower.eval("dict(db.items())") == outcome["model"]
@@ -216,7 +224,10 @@ def test_if_epoll_fails_the_serving_threads_take_everything_back(party: Party,
                 "db._engine.server.passing._epoll = Broken()")
     got = follower.exec("result = [db[b'k%d' % i] for i in range(50)]")
     assert got == [b"v"] * 50
-    assert leader.eval("db._engine.server.passing.active") is False
+    # The busy thread finds epoll broken at its next poll; on a loaded machine the
+    # serving threads may have answered every read before it ran again.
+    wait_for(lambda: leader.eval("db._engine.server.passing.active") is False,
+             what="answering in passing given up")
 
 
 @pytest.mark.parametrize("call", ["db[b'k']", "db[b'k'] = b'v'", "b'k' in db",

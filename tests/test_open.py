@@ -357,7 +357,7 @@ def test_whichdb_is_None_for_anything_else(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with dbm.dumb.open(str(tmp_path / "dumb"), "c") as d:
         d[b"k"] = b"v"
-    import plyvel
+    from partydbm._backend import plyvel
 
     plyvel.DB(str(tmp_path / "leveldb"), create_if_missing=True).close()
     for name in ("missing", "file", "empty", "dumb", "dumb.dat", "leveldb"):

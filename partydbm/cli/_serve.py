@@ -82,7 +82,7 @@ def _watch(db: Any, stop: threading.Event, verbose: bool) -> None:
                 role, leader = now_role, now_leader
             while not events.empty():
                 event, pid, count = events.get_nowait()
-                log(f"follower pid {pid} {event} ({count} connected)")
+                log(f"follower pid {pid or '?'} {event} ({count} connected)")
             if stop.wait(POLL):
                 return
     finally:

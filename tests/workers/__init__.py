@@ -2,8 +2,9 @@
 
 Started through `tests.procs` (a `Party`, or a `Holder`), which gives each one a
 deadline and SIGKILLs it (and whatever it started) at the end of the test. Every worker
-loads the test seams first thing (__main__.py). Results go to stdout, one JSON line
-(`tests.wire`) at a time; stderr is kept for the test's failure message.
+loads the test seams and the settings of SETTINGS first thing (__main__.py). Results go
+to stdout, one JSON line (`tests.wire`) at a time; stderr is kept for the test's failure
+message.
 
     repl.py     repl (the test's Python, line by line) and holder (a repl that holds
                 databases and only serves them)
@@ -17,16 +18,31 @@ loads the test seams first thing (__main__.py). Results go to stdout, one JSON l
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tests.wire import encode
 
 DEADLINE = 30.0
+
+SETTINGS = "PARTYDBM_TEST_SET"
+"""Module attributes of partydbm to set in a worker process before it does anything:
+"_sockets.SO_PEERCRED=None;_election.VIA_PROC=False" (a test that switches a Linux way
+off sets them in its own process and, through this variable, in the workers it starts;
+the library itself never reads it)."""
+
+
+def apply_settings(env: Mapping[str, str]) -> None:
+    for setting in filter(None, env.get(SETTINGS, "").split(";")):
+        target, value = setting.split("=", 1)
+        module, attr = target.rsplit(".", 1)
+        setattr(importlib.import_module(f"partydbm.{module}"), attr, ast.literal_eval(value))
 
 
 def report(obj: Any) -> None:

@@ -1,4 +1,6 @@
-"""`python -m tests.workers NAME ARGS...`: run one worker (see __init__.py)."""
+"""`python -m tests.workers [--without MODULE] NAME ARGS...`: run one worker (see
+__init__.py). MODULE cannot be imported in it: of two LevelDB bindings installed,
+partydbm then takes the other."""
 
 from __future__ import annotations
 
@@ -7,9 +9,16 @@ import importlib
 import os
 import sys
 
+if sys.argv[1:2] == ["--without"]:  # before partydbm chooses its binding
+    sys.modules[sys.argv[2]] = None  # type: ignore[assignment]  # import raises
+    del sys.argv[1:3]
+
 from partydbm import _seams
 
+from . import apply_settings
+
 _seams.load(os.environ)  # first thing: a test's env={"PARTYDBM_...": ...} for this worker
+apply_settings(os.environ)
 faulthandler.enable()  # a crash (SIGSEGV in LevelDB, say) shows every thread's stack
 
 # Worker name -> its module, imported alone: every worker process pays for its imports.

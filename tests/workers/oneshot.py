@@ -74,7 +74,7 @@ def _reap(pids: list[int], timeout: float = DEADLINE) -> list[int | None]:
 
 def plain_leveldb(path: str) -> None:
     """A plain LevelDB user: holds the LOCK and never serves the socket."""
-    import plyvel
+    from partydbm._backend import plyvel  # the binding partydbm uses here
 
     handle = plyvel.DB(path)
     print("ready", flush=True)
