@@ -43,7 +43,7 @@ from typing import Any
 from . import _protocol as P
 from . import _sockets
 from ._dispatch import Dispatcher, Peer, brief
-from ._election import may_access, remove_stale_socket
+from ._election import may_access, remove_own_socket, remove_stale_socket, socket_identity
 from ._errors import ProtocolError, to_wire
 from ._passing import RECV_SIZE, Conn, Passing
 from ._store import Store
@@ -75,6 +75,7 @@ class Server:
         self._conns: set[_sockets.Socket] = set()
         self._threads: set[threading.Thread] = set()
         self._listener: _sockets.Socket | None = None
+        self._bound: tuple[int, int] | None = None  # the socket file bound (socket_identity)
         self._closing = False
         self.dispatcher = Dispatcher(store)
         self.niceness = None if serve_only else _serving_niceness()
@@ -86,6 +87,7 @@ class Server:
         remove_stale_socket(self.address)
         mode = stat.S_IMODE(os.stat(self.db_path).st_mode)
         self._listener = _sockets.listen(self.address, mode)
+        self._bound = socket_identity(self.address)
         threading.Thread(target=self._accept_loop, name=f"partydbm-accept {self.db_path}",
                          daemon=True).start()
         self.passing.start()
@@ -104,7 +106,7 @@ class Server:
             threads = list(self._threads)
         if listener is not None:
             _sockets.hang_up(listener)
-        remove_stale_socket(self.address)
+        remove_own_socket(self.address, self._bound)
         for sock in conns:
             _sockets.hang_up(sock)
         self.passing.stop()

@@ -92,6 +92,24 @@ def test_closing_a_lone_leader_removes_its_socket(party: Party, tmp_path: Path) 
     assert stat.S_ISSOCK(os.lstat(path / SOCK).st_mode)
 
 
+def test_a_leader_of_a_deleted_database_leaves_the_new_ones_socket_alone(
+        party: Party, tmp_path: Path) -> None:
+    """The directory is removed under a leader and a database made anew at the path,
+    which another process leads: when the old leader closes at last, the socket it
+    unlinks must be its own, not the new leader's, or nobody could reach the new one."""
+    path = tmp_path / "db"
+    old, new, late = party.repls(3)
+    assert old.open(path) == "leader"
+    shutil.rmtree(path)
+    assert new.open(path) == "leader"
+    new.exec("db['k'] = 'v'")
+    theirs = Witness(path / SOCK)
+    old.exec("db.close()")
+    assert theirs.same(), "the old leader removed the new leader's socket"
+    assert late.open(path, timeout=5) == "follower"
+    assert late.eval("db['k']") == b"v"
+
+
 # -- a LOCK held by someone who never serves -----------------------------------------------
 def test_lock_held_by_plain_leveldb_user_raises_timeout(party: Party, tmp_path: Path) -> None:
     path = tmp_path / "db"
