@@ -92,6 +92,14 @@ def repair(file: str | os.PathLike[str]) -> None:
         _registry.exclusively(path, lambda: B.repair(path))
 
 
+def let_go(file: str | os.PathLike[str] | None = None) -> None:
+    """Give the database at `file` (every database, if None) up now instead of at the end
+    of its grace period: after the last handle of this process closes, its leader keeps
+    LevelDB open, and a follower its connection, for a short while (README, "Opening per
+    operation"). No effect while a handle of this process has it open."""
+    _registry.let_go(None if file is None else _resolve(file)[1])
+
+
 def _resolve(file: Any) -> tuple[Any, str]:
     """(the path as the caller gave it, for messages; its real path)."""
     shown = os.fspath(file)

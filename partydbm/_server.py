@@ -80,6 +80,9 @@ class Server:
         self.dispatcher = Dispatcher(store)
         self.niceness = None if serve_only else _serving_niceness()
         self.passing = Passing(self._handle, enabled=not serve_only, name=db_path)
+        # Asked by a RELEASE: whether the process lets go of the database (its engine's
+        # grace period ends now). Never blocks: the close it leads to joins this thread.
+        self.let_go: Callable[[], bool] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -305,6 +308,9 @@ class Server:
         op, rid = msg[0], msg[1]
         if peer.client is None:
             return self._hello(peer, rid, msg, pack)
+        if op == P.RELEASE:
+            let_go = self.let_go
+            return pack([rid, True, let_go is not None and let_go()]), False
         try:
             return pack([rid, True, self.dispatcher.call(peer, op, rid, msg[2:])]), False
         except ProtocolError as exc:
