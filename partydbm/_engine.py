@@ -60,7 +60,8 @@ class Keeper(Protocol):
 
     def let_go(self, engine: Engine) -> bool:
         """Another process asks this leader to give the database up (to repair it): only
-        an engine in its grace period does (_grace.py). Whether it will."""
+        an engine in its grace period with no other follower does (_grace.py). Whether
+        it will (at once, and without waiting for any lock)."""
 
 
 class Engine:

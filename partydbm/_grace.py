@@ -8,8 +8,9 @@ long, and the one thread per process that wakes up when a grace period ends.
 Promises (README, "Opening per operation"), and where each is kept:
 - Another program can have the database at most LEADER seconds after this process
   closed its last handle (a follower holds no lock: it never stands in the way), and at
-  once where partydbm needs it alone: repair() asks an idle leader to let go
-  (_registry.exclusively, the server's RELEASE).
+  once where partydbm needs it alone: repair() closes its own process's idle engine and
+  asks an idle leader elsewhere to let go (_registry.exclusively, the server's RELEASE),
+  which it does unless another follower is connected.
 - Nothing lingers past the process: the Reaper is a daemon thread (it never keeps the
   interpreter alive), the registry's atexit handler closes engines in grace, a fork
   closes the parent's idle leaders first (so the child can lead later: DESIGN.md

@@ -197,10 +197,15 @@ class _Keeper:
             engine.contend_after(conn)
 
     def let_go(self, engine: Engine) -> bool:
-        # Called by a serving thread, which the close joins: it must not wait for `_lock`
-        # (the Reaper holds it while it closes). A race with acquire() at worst ends the
-        # grace of an engine that has a handle again: the Reaper leaves it open.
-        if engine.refs or engine.idle_until is None or engine.closed:
+        # Only with no follower connected but the one asking: a follower that has the
+        # database open would take it over first (and one in its grace period may be
+        # back any moment). Called by a serving thread, which the close joins: it must
+        # not wait for `_lock` (the Reaper holds it while it closes). A race with
+        # acquire() at worst ends the grace of an engine that has a handle again: the
+        # Reaper leaves it open.
+        server = engine.server
+        if (engine.refs or engine.idle_until is None or engine.closed or server is None
+                or server.followers() > 1):
             return False
         engine.idle_until = 0.0
         _reaper.wake_by(0.0)
@@ -236,9 +241,9 @@ def exclusively(path: str, fn: Callable[[], Any]) -> Any:
 
 
 def _take_from_idle_leader(path: str, lockfile: LockFile) -> bool:
-    """Ask the leader to let go if it only lingers, and take the LOCK when it has. False
-    if it is in use, or another process took the LOCK first (one that has the database
-    open: its followers take over from a leader that lets go)."""
+    """Ask the leader to let go if it only lingers (no handle of its own, no other
+    follower), and take the LOCK when it has. False if it would not, or if another
+    process took the LOCK first (one that was opening the database just then)."""
     pid = ask_to_let_go(socket_address(path), path, LET_GO_TIMEOUT)
     if pid is None:
         return False
