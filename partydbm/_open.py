@@ -84,7 +84,9 @@ def repair(file: str | os.PathLike[str]) -> None:
     tables) with LevelDB's repair, which keeps every record it can still read.
 
     Refuses with partydbm.error (EBUSY) while any process has the database open: it
-    takes LevelDB's LOCK first, as a leader would, and repairs only while holding it."""
+    takes LevelDB's LOCK first, as a leader would, and repairs only while holding it.
+    An engine that only lingers after its last close (its grace period) is closed here,
+    or asked to let go in another process, first."""
     shown, path = _resolve(file)
     with _os_errors("repair", shown):
         if not _is_db(path):
