@@ -30,6 +30,8 @@ from ._routes import LocalRoute
 
 LET_GO_TIMEOUT = 10.0
 """Seconds exclusively() waits for an idle leader it asked to let go to do so."""
+FORK_LOCK_WAIT = 10.0
+"""Seconds a fork waits for the registry (another thread closing an engine, say)."""
 
 _lock = threading.RLock()
 _engines: dict[str, Engine] = {}
@@ -258,11 +260,19 @@ def _take_from_idle_leader(path: str, lockfile: LockFile) -> bool:
     return False
 
 
+_held_across_fork = False
+
+
 def _before_fork() -> None:
     """Close the idle leaders before a fork: a child forked while LevelDB is open here
     could never lead that database itself (DESIGN.md trap 2). `_lock` stays held across
-    the fork, so the child copies no engine in the middle of a change."""
-    _lock.acquire()
+    the fork, so the child copies no engine in the middle of a change. A fork from a
+    thread the lock's holder waits for (an observer callback, say) must not deadlock:
+    after FORK_LOCK_WAIT it forks as it would have without this."""
+    global _held_across_fork
+    _held_across_fork = _lock.acquire(timeout=FORK_LOCK_WAIT)
+    if not _held_across_fork:
+        return
     for engine in list(_engines.values()):
         if engine.refs == 0 and isinstance(engine.route, LocalRoute):
             try:
@@ -272,7 +282,8 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_parent() -> None:
-    _lock.release()
+    if _held_across_fork:
+        _lock.release()
 
 
 def _after_fork_in_child() -> None:
