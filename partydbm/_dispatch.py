@@ -35,6 +35,7 @@ class Peer:
     uid: int | None = None
     gid: int | None = None
     groups: set[int] | None = None
+    after_reply: Callable[[], None] | None = None  # what to do once its replies are sent
 
     def load(self, store: Store, client: bytes) -> None:
         """Become `client`, with what the database says of its writes."""

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _ring, _seams, _sockets
@@ -58,10 +59,10 @@ class Keeper(Protocol):
     def hung_up(self, engine: Engine, conn: Connection) -> None:
         """The leader at the other end of `conn`, the engine's route, hung up."""
 
-    def let_go(self, engine: Engine) -> bool:
+    def let_go(self, engine: Engine) -> Callable[[], None] | None:
         """Another process asks this leader to give the database up (to repair it): only
-        an engine in its grace period with no other follower does (_grace.py). Whether
-        it will (at once, and without waiting for any lock)."""
+        an engine in its grace period with no other follower does (_grace.py). What
+        ends that period (called once the answer is sent), or None. Never blocks."""
 
 
 class Engine:

@@ -198,7 +198,7 @@ class _Keeper:
                 return
             engine.contend_after(conn)
 
-    def let_go(self, engine: Engine) -> bool:
+    def let_go(self, engine: Engine) -> Callable[[], None] | None:
         # Only with no follower connected but the one asking: a follower that has the
         # database open would take it over first (and one in its grace period may be
         # back any moment). Called by a serving thread, which the close joins: it must
@@ -208,10 +208,12 @@ class _Keeper:
         server = engine.server
         if (engine.refs or engine.idle_until is None or engine.closed or server is None
                 or server.followers() > 1):
-            return False
-        engine.idle_until = 0.0
-        _reaper.wake_by(0.0)
-        return True
+            return None
+
+        def end_now() -> None:
+            engine.idle_until = 0.0
+            _reaper.wake_by(0.0)
+        return end_now
 
 
 KEEPER = _Keeper()

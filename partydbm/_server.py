@@ -80,9 +80,10 @@ class Server:
         self.dispatcher = Dispatcher(store)
         self.niceness = None if serve_only else _serving_niceness()
         self.passing = Passing(self._handle, enabled=not serve_only, name=db_path)
-        # Asked by a RELEASE: whether the process lets go of the database (its engine's
-        # grace period ends now). Never blocks: the close it leads to joins this thread.
-        self.let_go: Callable[[], bool] | None = None
+        # Asked by a RELEASE: whether the process lets go of the database, as what ends
+        # its engine's grace period (None: it will not). Run once the reply is sent: the
+        # close hangs up on every follower, the one asking included.
+        self.let_go: Callable[[], Callable[[], None] | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -287,6 +288,9 @@ class Server:
             replies.append(P.pack([None, False, ["protocol", _text(str(bad))]]))
         if replies:
             _send(conn.sock, b"".join(replies))
+        if conn.peer.after_reply is not None:
+            then, conn.peer.after_reply = conn.peer.after_reply, None
+            then()
         return bad is None
 
     def _handle(self, peer: Peer, msg: Any, pack: Callable[[Any], bytes]
@@ -309,8 +313,8 @@ class Server:
         if peer.client is None:
             return self._hello(peer, rid, msg, pack)
         if op == P.RELEASE:
-            let_go = self.let_go
-            return pack([rid, True, let_go is not None and let_go()]), False
+            peer.after_reply = self.let_go() if self.let_go is not None else None
+            return pack([rid, True, peer.after_reply is not None]), False
         try:
             return pack([rid, True, self.dispatcher.call(peer, op, rid, msg[2:])]), False
         except ProtocolError as exc:
