@@ -281,6 +281,34 @@ def test_a_lingering_follower_whose_leader_died_reads_the_new_leader_s_writes(
     assert idle.eval("db['k']") == b"new"
 
 
+def test_a_follower_back_within_the_ring_s_linger_finds_the_same_ring(
+        party: Party, tmp_path: Path) -> None:
+    """The leader keeps its change ring a while after its last follower left (a new one
+    costs the next follower's hello milliseconds); the first write after that retires
+    it, and a later follower gets a new one. Reads are exact throughout."""
+    path = tmp_path / "db"
+    leader, f = party.repl(), party.repl()
+    assert leader.open(path) == "leader"
+    leader.exec("db['k'] = '1'")
+    epoch = "db._engine.route.conn.ring_epoch"
+    assert f.open(path) == "follower"
+    first = f.eval(epoch)
+    assert first is not None and f.eval("db['k']") == b"1"
+    f.exec("db.close(); partydbm.let_go()")  # the ring has no follower now
+    leader.exec("db['k'] = '2'")  # published all the same
+    assert f.open(path) == "follower"
+    assert f.eval(epoch) == first
+    assert f.eval("db['k']") == b"2"
+    f.exec("db.close(); partydbm.let_go()")
+    wait_for(lambda: leader.eval("db._engine.server.followers()") == 0,
+             what="the leader seeing its follower leave")
+    leader.exec("partydbm._publish.RING_LINGER = 0.0; db['k'] = '3'")
+    assert leader.eval("db._engine.route.store.publisher.ring is None"), "not retired"
+    assert f.open(path) == "follower"
+    assert f.eval(epoch) not in (None, first)
+    assert f.eval("db['k']") == b"3"
+
+
 @pytest.mark.parametrize("how", ["deleted and made anew", "flag n elsewhere"])
 def test_a_lingering_leader_reopened_sees_its_database_replaced(
         party: Party, tmp_path: Path, how: str) -> None:
