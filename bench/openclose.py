@@ -84,6 +84,9 @@ def worker(task: dict[str, Any]) -> None:
     """Fill, say "ready", then per line "warm N" or "cold N" run N opens and print the
     seconds they took; "role" prints the role (partydbm) of an open."""
     system, path, n = task["system"], task["path"], task["keys"]
+    if system == "hold":
+        hold(path)
+        return
     keys = [b"%016d" % i for i in range(n)]
     _fill(system, path, keys)
     one, let_go = _opener(system, path)
@@ -139,18 +142,26 @@ class Proc:
             self.proc.stdout.close()
 
 
-@contextmanager
-def _leader_beside(path: str) -> Iterator[None]:
-    """A Holder process leading `path` (the tests' own), for party-follower."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from tests.procs import Holder
+def hold(path: str) -> None:
+    """The leader beside party-follower: open `path` as a process that only serves (as
+    the tests' Holder does), say its role, keep it until stdin closes."""
+    from partydbm._open import open_to_serve
 
-    with Holder(timeout=60) as holder:
-        if holder.open(path) != "leader":
-            raise RuntimeError("the Holder did not lead")
+    db = open_to_serve(path, "c", timeout=60)
+    print("leader" if db.is_leader else "follower", flush=True)
+    sys.stdin.read()
+    db.close()
+
+
+@contextmanager
+def _leader_beside(path: str, env: dict[str, str] | None) -> Iterator[None]:
+    proc = Proc(sys.executable, "hold", path, 0, env)
+    try:
+        if proc.ask("", 120) != "leader":
+            raise RuntimeError("the process beside party-follower did not lead")
         yield
+    finally:
+        proc.close()
 
 
 def measure(systems: list[str], tmp: str, rounds: int, python_for: Callable[[str], str],
@@ -170,9 +181,9 @@ def measure(systems: list[str], tmp: str, rounds: int, python_for: Callable[[str
         for system, kind in runs:
             path = os.path.join(tmp, f"openclose-{system}-{kind}")
             os.mkdir(path)
-            if system.startswith("party-follower"):
-                stack.enter_context(_leader_beside(path))
             env = {"PYTHONPATH": before} if before and system.endswith("@before") else None
+            if system.startswith("party-follower"):  # its leader from the same checkout
+                stack.enter_context(_leader_beside(path, env))
             proc = procs[system, kind] = Proc(python_for(system), system, path, keys, env)
             stack.callback(proc.close)
         for proc in procs.values():
