@@ -51,8 +51,10 @@ def follower() -> float:
 
 class Reaper:
     """One daemon thread that calls `due()` when the earliest grace period ends. `due()`
-    closes what is over and returns when to call it next (None: nothing is idle). Made
-    lazily, and again in a forked child (threads do not survive fork)."""
+    closes what is over and returns when to call it next (None: nothing is idle). The
+    thread ends when nothing lingers (a process done with partydbm keeps no thread of
+    it, and forks without one) and is made again by the next wake_by(), also in a
+    forked child (threads do not survive fork)."""
 
     def __init__(self, due: Callable[[], float | None]) -> None:
         self._due = due
@@ -82,10 +84,13 @@ class Reaper:
         while True:
             with self._cond:
                 while True:
+                    if self._next is None:
+                        self._thread = None  # under the lock: wake_by() starts another
+                        return
                     now = time.monotonic()
-                    if self._next is not None and self._next <= now:
+                    if self._next <= now:
                         break
-                    self._cond.wait(None if self._next is None else self._next - now)
+                    self._cond.wait(self._next - now)
                 self._next = None
             later = self._due()
             if later is not None:
