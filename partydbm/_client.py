@@ -297,7 +297,7 @@ class Connection:
         self.pending.clear()
 
 
-def ask_to_let_go(address: str | bytes, db_path: str, timeout: float) -> int | None:
+def ask_to_let_go(address: str, db_path: str, timeout: float) -> int | None:
     """Ask the leader at `address` to give the database up if no handle of its process
     has it open (it lingers in its grace period): its pid if it agreed, else None (no
     leader there, a leader in use, or one that does not know the request)."""
