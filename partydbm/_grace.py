@@ -65,16 +65,23 @@ class Reaper:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def wake_by(self, when: float) -> None:
+    def wake_by(self, when: float) -> bool:
         """Make sure due() is called by `when`. Cheap when an earlier call is due already
         (the common case: an engine reused and closed again moves its own end later, and
-        the thread finds that out when it wakes): no thread is woken per close."""
+        the thread finds that out when it wakes): no thread is woken per close. False
+        if no thread can be started (the interpreter is exiting: Python 3.12+ starts
+        none once its threads are being joined): nothing may linger then."""
         with self._cond:
             if self._thread is None or self._pid != os.getpid():
-                self._start()
+                try:
+                    self._start()
+                except RuntimeError:
+                    self._thread = None
+                    return False
             if self._next is None or when < self._next:
                 self._next = when
                 self._cond.notify()
+            return True
 
     def _start(self) -> None:
         self._pid = os.getpid()

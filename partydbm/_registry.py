@@ -83,8 +83,9 @@ def release(engine: Engine) -> None:
         grace = _grace_for(engine)
         if grace > 0:
             engine.idle_until = time.monotonic() + grace
-            _reaper.wake_by(engine.idle_until)
-            return
+            if _reaper.wake_by(engine.idle_until):
+                return
+            engine.idle_until = None
         _close(engine)
 
 

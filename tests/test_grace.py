@@ -159,6 +159,32 @@ def test_an_interpreter_exits_at_once_and_hands_over_what_lingers(
         assert leader.eval("db['by-follower']") == b"x"
 
 
+CLOSE_WHILE_EXITING = """
+import sys, threading, time, partydbm
+db = partydbm.open(sys.argv[1])
+def late():
+    time.sleep(0.3)  # the main thread is gone by now: the interpreter is joining this one
+    db['late'] = 'x'
+    db.close()
+threading.Thread(target=late).start()
+"""
+
+
+def test_a_handle_closed_while_the_interpreter_exits_lets_go_at_once(
+        party: Party, tmp_path: Path, plyvel_can_open: PlyvelProbe) -> None:
+    """Python 3.12+ starts no thread once the interpreter joins its threads at exit, so
+    no grace period can begin then: the close must not raise, and hand over now."""
+    path = tmp_path / "db"
+    script = party.python(CLOSE_WHILE_EXITING, path, env=LONG)
+    assert script.wait(DEADLINE) == 0
+    assert not clean_exit_stderr(script.stderr()), script.stderr()
+    assert not (path / SOCK).exists()
+    assert plyvel_can_open(path)
+    b = party.repl()
+    assert b.open(path) == "leader"
+    assert b.eval("dict(db.items())") == {b"late": b"x"}
+
+
 def test_os_exit_of_an_idle_leader_leaves_nothing_in_the_way(
         party: Party, tmp_path: Path) -> None:
     path = tmp_path / "db"
