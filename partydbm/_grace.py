@@ -13,7 +13,7 @@ Promises (README, "Opening per operation"), and where each is kept:
   which it does unless another follower is connected.
 - Nothing lingers past the process: the Reaper is a daemon thread (it never keeps the
   interpreter alive), the registry's atexit handler closes engines in grace, a fork
-  closes the parent's idle leaders first (so the child can lead later: DESIGN.md
+  closes the parent's idle leaders first (so the child can lead later: docs/TRAPS.md,
   trap 2) and the child forgets every idle engine (no pending close is inherited).
 - A handle opened later sees every write made before, in any process: an idle follower
   is only reused while its leader still answers (its cache is then kept coherent by the

@@ -268,7 +268,7 @@ _held_across_fork = False
 
 def _before_fork() -> None:
     """Close the idle leaders before a fork: a child forked while LevelDB is open here
-    could never lead that database itself (DESIGN.md trap 2). `_lock` stays held across
+    could never lead that database itself (docs/TRAPS.md, trap 2). `_lock` stays held across
     the fork, so the child copies no engine in the middle of a change. A fork from a
     thread the lock's holder waits for (an observer callback, say) must not deadlock:
     after FORK_LOCK_WAIT it forks as it would have without this."""

@@ -222,7 +222,7 @@ result = json.loads(got)
 def test_a_child_forked_from_an_idle_leader_inherits_nothing_and_can_lead(
         party: Party, tmp_path: Path) -> None:
     """The idle leader closes before the fork (a child forked while LevelDB is open
-    here could never lead it itself: DESIGN.md trap 2), and the child has no engine of
+    here could never lead it itself: docs/TRAPS.md, trap 2), and the child has no engine of
     the parent's waiting to be closed."""
     path = tmp_path / "db"
     a = party.repl(env=LONG)
