@@ -76,7 +76,8 @@ class Publisher:
     def current(self) -> R.Ring | None:
         """The ring a write publishes to (None: nobody to publish to). One that no
         follower has used for RING_LINGER is retired first: nobody reads it, and a
-        follower that comes later gets a new one."""
+        follower that comes later gets a new one. Called with the write's stripes held
+        (no stripe is ever taken under `_lock`)."""
         ring, since = self.ring, self._unused_since
         if ring is None or since is None or time.monotonic() - since < RING_LINGER:
             return ring
