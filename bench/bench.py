@@ -16,8 +16,10 @@ Workloads (WORKLOADS): single (put N keys, random get, ordered iteration, p50/p9
 latency), paired (partydbm and its floor in one process, alternating blocks: the
 leader vs raw plyvel, the follower vs socket-rtt; the <=1.5x ratios use these), mixed4
 (4 processes 90% get / 10% put), w1r3 (1 writer + 3 readers), bulk (load 1,000,000 keys,
-peak RSS; then iterate them from a fresh process: memory must stay flat), failover
-(bench/failover.py). Full mode runs single, paired, mixed4 and w1r3 3 times, systems
+peak RSS; then iterate them from a fresh process: memory must stay flat), openclose
+(`with X.open(path, "r") as db: db[k]` in a loop, partydbm in both roles beside
+dbm.sqlite3 and dbm.dumb, all in one set of interleaved blocks: bench/openclose.py),
+failover (bench/failover.py). Full mode runs single, paired, mixed4 and w1r3 3 times, systems
 interleaved, and keeps each system's median round (ratios within a round: the median).
 
 Every measurement runs in a fresh worker process (bench/worker.py) on a fresh temporary
@@ -53,7 +55,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import mem  # bench/ is sys.path[0] when this file runs as a script
+import openclose  # bench/ is sys.path[0] when this file runs as a script
+from worker import mem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "worker.py")
@@ -67,9 +70,9 @@ SHORT = {"party-leader": "party-L", "party-follower": "party-F", "dbm.sqlite3": 
 READ99_PROCS = 4  # processes in the read99 workload (--read99-procs)
 MODES = {
     "quick": dict(n=5_000, bulk_n=100_000, lat_n=2_000, mp_duration=1.0, budget=3.0,
-                  bulk_budget=4.0, failover_rounds=5, rounds=1),
+                  bulk_budget=4.0, failover_rounds=5, rounds=1, openclose_rounds=5),
     "full": dict(n=20_000, bulk_n=1_000_000, lat_n=5_000, mp_duration=3.0, budget=30.0,
-                 bulk_budget=60.0, failover_rounds=20, rounds=3),
+                 bulk_budget=60.0, failover_rounds=20, rounds=3, openclose_rounds=30),
 }
 MP_ONLY_ONE = "one process only (LevelDB's LOCK)"
 NOT_MP_SAFE = "not multi-process safe (each process keeps its own index)"
@@ -87,7 +90,9 @@ class Ctx:
     mode: str
     tmp: str
     cfg: dict[str, Any]
+    systems: list[str] = field(default_factory=list)  # those of this run
     _seq: int = 0
+    _joint: dict[str, dict[str, Any]] = field(default_factory=dict)  # see open_close()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -379,6 +384,19 @@ def failover_stall(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
     return {"failover": json.loads(out.strip().splitlines()[-1])}
 
 
+def open_close(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
+    """bench/openclose.py: every system's open+get+close, measured together in one set
+    of interleaved blocks. The first system of a round runs them all; the others take
+    their share."""
+    if system not in ctx._joint:
+        wanted = [s for s in openclose.SYSTEMS if s in ctx.systems and not unavailable(s)]
+        try:
+            ctx._joint = openclose.measure(wanted, ctx.tmp, ctx.openclose_rounds, python_for)
+        except RuntimeError as exc:
+            raise Failed(str(exc)) from None
+    return {"openclose": ctx._joint.pop(system)}
+
+
 NO_MP = {"plyvel": MP_ONLY_ONE, "dbm.dumb": NOT_MP_SAFE, "socket-rtt": SOCK_ONLY}
 WORKLOADS: dict[str, Workload] = {
     "single": Workload(single, ("put", "get", "get_many", "iter", "lat_get", "lat_put"), (
@@ -431,6 +449,11 @@ WORKLOADS: dict[str, Workload] = {
         Line("iter_bulk", "hwm_growth_mb", "iterate bulk: peak RSS growth MB", "rate"),
         Line("iter_bulk", "anon_growth_mb", "iterate bulk: anon growth MB", "rate")),
         {"socket-rtt": SOCK_ONLY}),
+    "openclose": Workload(open_close, ("openclose",), (
+        Line("openclose", "us_per_op", "open+get+close", plot=True),
+        Line("openclose", "cold.us_per_op", "open+get+close, grace over")),
+        {s: "open+get+close: partydbm, dbm.sqlite3 and dbm.dumb" for s in SYSTEMS
+         if s not in openclose.SYSTEMS}, quiet_na=True),
     # The failover stall: only a follower can measure it (bench/failover.py).
     "failover": Workload(failover_stall, ("failover",), (
         Line("failover", "median_ms", "failover stall median ms", "rate"),
@@ -467,9 +490,17 @@ RATIOS = [
      "min_proc_ops_per_s", ">=", 0.5),
     ("leader put rate / diskcache put rate", "put", "party-leader", "diskcache", "ops_per_s",
      ">=", 5.0),
+    ("open+get+close, leading itself / dbm.sqlite3", "openclose", "party-leader",
+     "dbm.sqlite3", "us_per_op", "<=", 1.0),
+    ("open+get+close, another process leads / dbm.sqlite3", "openclose", "party-follower",
+     "dbm.sqlite3", "us_per_op", "<=", 1.0),
     ("failover stall median ms (bench/failover.py)", "failover", "party-follower", None,
      "median_ms", "<=", 20),
     # information only (no target)
+    ("open+get+close, leading itself / dbm.dumb", "openclose", "party-leader", "dbm.dumb",
+     "us_per_op", "", None),
+    ("open+get+close, another process leads / dbm.dumb", "openclose", "party-follower",
+     "dbm.dumb", "us_per_op", "", None),
     ("follower put / bare socket, paired, one CPU", "paired", "party-follower", None,
      "put_ratio", "", None),
     ("follower put / bare socket, paired, two CPUs", "paired", "party-follower", None,
@@ -714,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"partydbm bench, {mode}: {meta['machine']}, {meta['cpus']} CPUs, {meta['date']}",
           file=sys.stderr)
     try:
-        results = run_all(Ctx(mode, tmp, cfg), systems, workloads)
+        results = run_all(Ctx(mode, tmp, cfg, systems), systems, workloads)
     finally:
         for proc in list(_procs):
             reap(proc)

@@ -14,7 +14,7 @@ from ._errors import (
     error,
 )
 from ._mapping import PartyDBM, WriteBatch
-from ._open import install, open, open_flags, repair, uninstall, whichdb
+from ._open import install, let_go, open, open_flags, repair, uninstall, whichdb
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "__version__",
     "error",
     "install",
+    "let_go",
     "open",
     "open_flags",
     "repair",

@@ -7,6 +7,7 @@ until its own arrives, then hands the role on (cheaper than a thread hop per rep
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -294,3 +295,24 @@ class Connection:
         _sockets.drop(self.sock)
         self.dead = LeaderLostError("connection inherited through fork")
         self.pending.clear()
+
+
+def ask_to_let_go(address: str, db_path: str, timeout: float) -> int | None:
+    """Ask the leader at `address` to give the database up if no handle of its process
+    has it open (it lingers in its grace period): its pid if it agreed, else None (no
+    leader there, a leader in use, or one that does not know the request)."""
+    deadline = time.monotonic() + timeout
+    try:  # partydbm's errors are OSErrors too
+        conn = Connection.open(address, os.urandom(16), itertools.count(1), timeout, db_path)
+    except OSError:
+        return None
+    try:
+        slot = Slot(P.RELEASE, (), False)
+        conn.submit(slot, deadline)
+        conn.wait(slot, deadline)
+        agreed = slot.done and slot.exc is None and slot.value is True
+        return conn.leader_pid if agreed else None
+    except OSError:
+        return None
+    finally:
+        conn.kill(LeaderLostError("done asking"))

@@ -35,6 +35,7 @@ class Peer:
     uid: int | None = None
     gid: int | None = None
     groups: set[int] | None = None
+    after_reply: Callable[[], None] | None = None  # what to do once its replies are sent
 
     def load(self, store: Store, client: bytes) -> None:
         """Become `client`, with what the database says of its writes."""
@@ -174,7 +175,7 @@ OPS: dict[int, Op] = {
     P.GETMANYPOS: Op(_keys_len, Store.get_many_at),
     P.BATCH: Op(_batch_args, _batch),
 }
-assert set(OPS) == set(P.OP_NAMES) - {P.HELLO}, "every operation needs an entry"
+assert set(OPS) == set(P.OP_NAMES) - {P.HELLO, P.RELEASE}, "every operation needs an entry"
 
 
 def run_local(store: Store, op: int, args: tuple[Any, ...]) -> Any:

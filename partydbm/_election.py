@@ -159,6 +159,26 @@ def remove_stale_socket(address: str) -> None:
         pass
 
 
+def socket_identity(address: str) -> tuple[int, int] | None:
+    """Which file sits at a socket address: (device, inode); None when nothing is there
+    (a private symlink on the way is made again first, as for a bind)."""
+    relink(address)
+    try:
+        st = os.lstat(address)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_own_socket(address: str, identity: tuple[int, int] | None) -> None:
+    """Unlink the socket file a leader bound (`identity`), if that file still sits at
+    `address`: a database deleted and made anew while its old leader still had it open
+    (say, in its grace period) has the new leader's socket there, which only the new
+    leader may remove."""
+    if identity is not None and socket_identity(address) == identity:
+        remove_stale_socket(address)
+
+
 def may_access(db_path: str, uid: int | None, gid: int | None,
                groups: set[int] | None) -> bool:
     """Whether a process with these credentials could read and write the database's

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import _ring, _seams, _sockets
 from ._backend import LockHeld, LockTainted, open_db
@@ -50,19 +50,34 @@ leftovers: list[Any] = []  # backends inherited through fork: never closed, neve
 Route = LocalRoute | RemoteRoute | Unrouted | ClosedRoute
 
 
+class Keeper(Protocol):
+    """What an engine tells the registry that keeps it (_registry)."""
+
+    def lock_acquired(self, path: str, lockfile: LockFile) -> None:
+        """The LOCK's waiter thread got the lock for this process."""
+
+    def hung_up(self, engine: Engine, conn: Connection) -> None:
+        """The leader at the other end of `conn`, the engine's route, hung up."""
+
+    def let_go(self, engine: Engine) -> Callable[[], None] | None:
+        """Another process asks this leader to give the database up (to repair it): only
+        an engine in its grace period with no other follower does (_grace.py). What
+        ends that period (called once the answer is sent), or None. Never blocks."""
+
+
 class Engine:
-    def __init__(self, path: str, lockfile: LockFile, on_lock: Callable[[], None]) -> None:
-        """`on_lock`: what the LOCK's waiter thread calls when this process gets it."""
+    def __init__(self, path: str, lockfile: LockFile, keeper: Keeper) -> None:
         self.path = path
         self.address = socket_address(path)
         self.refs = 0
+        self.idle_until: float | None = None  # in its grace period until then (_registry)
         self.closed = False
         self.serve_only = False  # set before start(): this process only serves
         self.cache_size = 0  # bytes a follower caches (the largest any handle asked for)
         self.route: Route = Unrouted(self)
         self.server: Server | None = None
         self._lockfile = lockfile
-        self._on_lock = on_lock
+        self._keeper = keeper
         self._cond = threading.Condition(threading.RLock())
         self._started = False
         self._observer: Observer | None = None  # given to each server this engine starts
@@ -160,6 +175,7 @@ class Engine:
                     slot.finish(exc=exc)
             store.prune_applied()
             server = Server(store, self.address, self.path, self._observer, self.serve_only)
+            server.let_go = lambda: self._keeper.let_go(self)
             server.start()
         except BaseException:
             if server is not None:
@@ -302,7 +318,8 @@ class Engine:
         if self.path in tainted:
             self._ensure_helper()
         elif not _seams.never_lead:
-            self._lockfile.wait_in_background(self._on_lock)
+            path, lockfile, keeper = self.path, self._lockfile, self._keeper
+            lockfile.wait_in_background(lambda: keeper.lock_acquired(path, lockfile))
 
     def _watch(self, conn: Connection) -> None:
         """Per follower connection: when the leader hangs up, contend for the LOCK at
@@ -312,6 +329,10 @@ class Engine:
         _sockets.wait_hangup(conn.sock)
         if shutting_down or self.closed:  # at exit: take no lock (see _registry)
             return
+        self._keeper.hung_up(self, conn)  # an engine in grace closes instead
+
+    def contend_after(self, conn: Connection) -> None:
+        """Compete for the LOCK if `conn`, whose leader hung up, is still our route."""
         with self._cond:
             route = self.route
             if self.closed or not (isinstance(route, RemoteRoute) and route.conn is conn):

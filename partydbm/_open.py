@@ -84,12 +84,22 @@ def repair(file: str | os.PathLike[str]) -> None:
     tables) with LevelDB's repair, which keeps every record it can still read.
 
     Refuses with partydbm.error (EBUSY) while any process has the database open: it
-    takes LevelDB's LOCK first, as a leader would, and repairs only while holding it."""
+    takes LevelDB's LOCK first, as a leader would, and repairs only while holding it.
+    An engine that only lingers after its last close (its grace period) is closed here,
+    or asked to let go in another process, first."""
     shown, path = _resolve(file)
     with _os_errors("repair", shown):
         if not _is_db(path):
             _no_db(path, shown)
         _registry.exclusively(path, lambda: B.repair(path))
+
+
+def let_go(file: str | os.PathLike[str] | None = None) -> None:
+    """Give the database at `file` (every database, if None) up now instead of at the end
+    of its grace period: after the last handle of this process closes, its leader keeps
+    LevelDB open, and a follower its connection, for a short while (README, "Opening per
+    operation"). No effect while a handle of this process has it open."""
+    _registry.let_go(None if file is None else _resolve(file)[1])
 
 
 def _resolve(file: Any) -> tuple[Any, str]:

@@ -33,13 +33,17 @@ VERSION = 2  # 2: pop, setdefault, cas; getpos and getmanypos for the followers'
 
 # Requests. Writes are the ops a leader deduplicates by (client, rid) after failover.
 (HELLO, GET, PUT, DELETE, HAS, LEN, CLEAR, BATCH, SCAN, COMPACT, SYNC, GETMANY, POP,
- SETDEFAULT, CAS, GETPOS, GETMANYPOS) = range(17)
+ SETDEFAULT, CAS, GETPOS, GETMANYPOS, RELEASE) = range(18)
+# RELEASE [RELEASE, rid]: let go of the database if no handle of the leader's process has
+# it open (it lingers in its grace period, _grace.py) and no other follower is connected;
+# answered True if it will, at once. A leader that predates it answers with a protocol
+# error: "no".
 WRITES = frozenset({PUT, DELETE, CLEAR, BATCH, POP, SETDEFAULT, CAS})
 OP_NAMES = {
     HELLO: "hello", GET: "get", PUT: "put", DELETE: "delete", HAS: "has", LEN: "len",
     CLEAR: "clear", BATCH: "batch", SCAN: "scan", COMPACT: "compact", SYNC: "sync",
     GETMANY: "getmany", POP: "pop", SETDEFAULT: "setdefault", CAS: "cas",
-    GETPOS: "getpos", GETMANYPOS: "getmanypos",
+    GETPOS: "getpos", GETMANYPOS: "getmanypos", RELEASE: "release",
 }
 
 # -- limits ----------------------------------------------------------------------------

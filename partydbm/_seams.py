@@ -35,18 +35,28 @@ listen_backlog: int | None = None
 """A leader's listen backlog instead of the largest the system allows: a small one that
 a small crowd fills, so that its connects must wait for room."""
 
+grace: tuple[float, float] | None = None
+"""(leader, follower): seconds an idle engine lingers instead of _grace.LEADER and
+_grace.FOLLOWER (a long one, to test what holds while an engine lingers; 0: none)."""
+
 _passages: dict[str, int] = {}
 
 
 def load(env: Mapping[str, str]) -> None:
     """Set the seams from PARTYDBM_NEVER_LEAD, PARTYDBM_RESEND_DELAY, PARTYDBM_CRASH_AT
-    ("point[:n]"), PARTYDBM_PAUSE ("point:seconds[,point:seconds...]") and
-    PARTYDBM_LISTEN_BACKLOG in `env`."""
-    global never_lead, resend_delay, crash_at, pauses, listen_backlog
+    ("point[:n]"), PARTYDBM_PAUSE ("point:seconds[,point:seconds...]"),
+    PARTYDBM_LISTEN_BACKLOG and PARTYDBM_GRACE ("leader,follower" seconds) in `env`."""
+    global never_lead, resend_delay, crash_at, pauses, listen_backlog, grace
     never_lead = bool(env.get("PARTYDBM_NEVER_LEAD"))
     resend_delay = float(env.get("PARTYDBM_RESEND_DELAY") or 0)
     backlog = env.get("PARTYDBM_LISTEN_BACKLOG")
     listen_backlog = int(backlog) if backlog else None
+    spans = env.get("PARTYDBM_GRACE")
+    if spans:
+        lead, _, follow = spans.partition(",")
+        grace = (float(lead), float(follow or lead))
+    else:
+        grace = None
     spec = env.get("PARTYDBM_CRASH_AT")
     if spec:
         point, _, n = spec.partition(":")

@@ -43,7 +43,7 @@ from typing import Any
 from . import _protocol as P
 from . import _sockets
 from ._dispatch import Dispatcher, Peer, brief
-from ._election import may_access, remove_stale_socket
+from ._election import may_access, remove_own_socket, remove_stale_socket, socket_identity
 from ._errors import ProtocolError, to_wire
 from ._passing import RECV_SIZE, Conn, Passing
 from ._store import Store
@@ -75,10 +75,15 @@ class Server:
         self._conns: set[_sockets.Socket] = set()
         self._threads: set[threading.Thread] = set()
         self._listener: _sockets.Socket | None = None
+        self._bound: tuple[int, int] | None = None  # the socket file bound (socket_identity)
         self._closing = False
         self.dispatcher = Dispatcher(store)
         self.niceness = None if serve_only else _serving_niceness()
         self.passing = Passing(self._handle, enabled=not serve_only, name=db_path)
+        # Asked by a RELEASE: whether the process lets go of the database, as what ends
+        # its engine's grace period (None: it will not). Run once the reply is sent: the
+        # close hangs up on every follower, the one asking included.
+        self.let_go: Callable[[], Callable[[], None] | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -86,6 +91,7 @@ class Server:
         remove_stale_socket(self.address)
         mode = stat.S_IMODE(os.stat(self.db_path).st_mode)
         self._listener = _sockets.listen(self.address, mode)
+        self._bound = socket_identity(self.address)
         threading.Thread(target=self._accept_loop, name=f"partydbm-accept {self.db_path}",
                          daemon=True).start()
         self.passing.start()
@@ -104,7 +110,7 @@ class Server:
             threads = list(self._threads)
         if listener is not None:
             _sockets.hang_up(listener)
-        remove_stale_socket(self.address)
+        remove_own_socket(self.address, self._bound)
         for sock in conns:
             _sockets.hang_up(sock)
         self.passing.stop()
@@ -282,6 +288,9 @@ class Server:
             replies.append(P.pack([None, False, ["protocol", _text(str(bad))]]))
         if replies:
             _send(conn.sock, b"".join(replies))
+        if conn.peer.after_reply is not None:
+            then, conn.peer.after_reply = conn.peer.after_reply, None
+            then()
         return bad is None
 
     def _handle(self, peer: Peer, msg: Any, pack: Callable[[Any], bytes]
@@ -303,6 +312,9 @@ class Server:
         op, rid = msg[0], msg[1]
         if peer.client is None:
             return self._hello(peer, rid, msg, pack)
+        if op == P.RELEASE:
+            peer.after_reply = self.let_go() if self.let_go is not None else None
+            return pack([rid, True, peer.after_reply is not None]), False
         try:
             return pack([rid, True, self.dispatcher.call(peer, op, rid, msg[2:])]), False
         except ProtocolError as exc:

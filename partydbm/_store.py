@@ -239,7 +239,7 @@ class Store:
         empty: the request's outcome must be found again if it is resent), publishing
         them to followers' caches around the write when a ring is on (_publish.py).
         Called with the stripes of `ops` held."""
-        ring = self.publisher.ring
+        ring = self.publisher.current()
         if ring is None or not ops:
             if mark is not None:
                 self.backend.write(ops, sync, mark(outcome))

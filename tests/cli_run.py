@@ -64,6 +64,8 @@ def cli(*args: Any, input: bytes | None = None, cwd: Path | None = None) -> Ran:
         sys.stderr.flush()
         return Ran(argv, code, out.getvalue(), err.getvalue())
     finally:
+        # A real run's process ends here, and the grace period of what it opened with it.
+        partydbm.let_go()
         os.chdir(here)
         sys.stdin, sys.stdout, sys.stderr = streams
 
@@ -95,12 +97,15 @@ def fails(code: int, *args: Any, says: str = "", **kw: Any) -> str:
 
 def contents(path: Path) -> dict[bytes, bytes]:
     with partydbm.open(path, "r") as db:
-        return dict(db.items())
+        items = dict(db.items())
+    partydbm.let_go(path)  # the commands run next may have to lead
+    return items
 
 
 def fill(path: Path, data: dict[bytes, bytes]) -> None:
     with partydbm.open(path, "c") as db:
         db.update(data)
+    partydbm.let_go(path)
 
 
 def info_json(path: Path) -> dict[str, Any]:

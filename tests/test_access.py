@@ -161,6 +161,7 @@ def test_what_is_planted_at_the_socket_path_is_replaced_not_followed_by_a_new_le
         tmp_path: Path, planted: str) -> None:
     path = tmp_path / "db"
     partydbm.open(path).close()
+    partydbm.let_go(path)
     evil = Evil(tmp_path / "evil.sock")
     target = tmp_path / "target"
     target.write_bytes(b"precious")
@@ -262,6 +263,7 @@ def test_a_follower_never_talks_to_a_socket_served_by_a_user_who_could_not_use_t
         os.chmod(path.parent.parent, 0o755)
         os.chmod(path.parent, 0o755)
     partydbm.open(path, mode=0o600).close()
+    partydbm.let_go(path)
     holder = party.spawn("plain_leveldb", path)
     assert holder.expect("ready") == ""
     address = socket_address(str(path))

@@ -157,6 +157,7 @@ def test_a_database_directory_we_may_not_write_is_a_clear_error(tmp_path: Path) 
         model = _model()
         with partydbm.open(path, mode=0o644) as db:
             db.update(model)
+        partydbm.let_go(path)
         if is_root:
             for root, dirs, files in os.walk(path):
                 for name in [*dirs, *files]:
@@ -187,6 +188,7 @@ def _make_db(path: Path) -> dict[bytes, bytes]:
         db.reorganize()
         late = {b"late-%d" % i: b"in the log %d" % i for i in range(20)}
         db.update(late)
+    partydbm.let_go(path)  # LevelDB closed now, not at the end of the grace period
     return {**model, **late}
 
 

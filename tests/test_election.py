@@ -68,7 +68,7 @@ def test_leader_closing_its_last_handle_hands_over(party: Party, tmp_path: Path)
     assert late.open(path) == "follower"
     late.exec("db.close()")
     b.exec("db['b'] = '1'")
-    a.exec("db2.close()")  # the last one: hand over
+    a.exec("db2.close(); partydbm.let_go()")  # the last one: hand over (now, not later)
     b.exec("db['b'] = '2'")
     c.exec("db['c'] = '1'")
     model = {b"a": b"1", b"b": b"2", b"c": b"1"}
@@ -86,10 +86,28 @@ def test_closing_a_lone_leader_removes_its_socket(party: Party, tmp_path: Path) 
     a = party.repl()
     a.open(path)
     assert stat.S_ISSOCK(os.lstat(path / SOCK).st_mode)
-    a.exec("db.close()")
+    a.exec("db.close(); partydbm.let_go()")
     assert not (path / SOCK).exists()
     assert a.open(path) == "leader"  # the same process can lead again
     assert stat.S_ISSOCK(os.lstat(path / SOCK).st_mode)
+
+
+def test_a_leader_of_a_deleted_database_leaves_the_new_ones_socket_alone(
+        party: Party, tmp_path: Path) -> None:
+    """The directory is removed under a leader and a database made anew at the path,
+    which another process leads: when the old leader closes at last, the socket it
+    unlinks must be its own, not the new leader's, or nobody could reach the new one."""
+    path = tmp_path / "db"
+    old, new, late = party.repls(3)
+    assert old.open(path) == "leader"
+    shutil.rmtree(path)
+    assert new.open(path) == "leader"
+    new.exec("db['k'] = 'v'")
+    theirs = Witness(path / SOCK)
+    old.exec("db.close(); partydbm.let_go()")  # not at the end of its grace period
+    assert theirs.same(), "the old leader removed the new leader's socket"
+    assert late.open(path, timeout=5) == "follower"
+    assert late.eval("db['k']") == b"v"
 
 
 # -- a LOCK held by someone who never serves -----------------------------------------------

@@ -122,7 +122,7 @@ def test_closing_a_busy_leader_hands_over_with_nothing_lost(party: Party,
     leader, follower = _busy_leader(party, path)
     written = follower.exec("result = write_range(db, 'w%03d', 100, 'v%d')")
     follower.submit("exec", "result = write_range(db, 'x%04d', 3000, 'y%d')")
-    leader.exec("time.sleep(0.05)\ndb.close()\nbusy_thread.join()")
+    leader.exec("time.sleep(0.05)\ndb.close()\npartydbm.let_go()\nbusy_thread.join()")
     more = follower.reply(timeout=60)
     assert follower.eval("dict(db.items())") == {**written, **more}
     assert follower.eval("db.is_leader") is True

@@ -348,12 +348,14 @@ def test_writers_carry_on_through_a_leader_kill(party: Party, tmp_path: Path) ->
     assert all(final[k] == b"%d" % j for j, k in enumerate(mine))
 
 
-@pytest.mark.parametrize("how", ["close", "exit"])
+@pytest.mark.parametrize("how", ["close", "grace", "exit"])
 def test_writers_carry_on_while_the_leader_hands_over(
         party: Party, tmp_path: Path, how: str) -> None:
-    """The leader closes its handle (or its script ends) while two followers write
-    without pause: nothing is lost, one of them leads afterwards."""
+    """The leader closes its handle and lets go (or closes it and lingers through its
+    grace period, or its script ends) while two followers write without pause: nothing
+    is lost, one of them leads afterwards."""
     path = tmp_path / "db"
+    sock = path / "partydbm.sock"
     flag = tmp_path / "gone"
     a, b, c = party.repls(3)
     assert a.open(path) == "leader"
@@ -365,8 +367,12 @@ def test_writers_carry_on_while_the_leader_hands_over(
                          f"{str(tmp_path / ('started-' + name))!r}, {str(flag)!r})")
     wait_for(lambda: all((tmp_path / f"started-{n}").exists() for n in "bc"),
              what="both followers writing")
+    old = Witness(sock)
     if how == "close":
-        a.exec("db.close()")
+        a.exec("db.close(); partydbm.let_go()")
+    elif how == "grace":
+        a.exec("db.close()")  # idle: it serves them until its grace period ends
+        wait_for(old.replaced, what="a follower leading after the grace period")
     else:
         assert a.finish() == 0
         assert not clean_exit_stderr(a.stderr()), a.stderr()

@@ -228,6 +228,7 @@ def test_open_takes_retry_and_timeout(open_db: Opener, kw: dict[str, Any]) -> No
 def test_open_raises_Timeout_when_the_lock_holder_never_serves(tmp_path: Path) -> None:
     path = tmp_path / "db"
     partydbm.open(path, "c").close()
+    partydbm.let_go(path)
     with Party() as party:
         plain = party.spawn("plain_leveldb", path)  # holds the LOCK, never serves
         assert plain.readline() == "ready"

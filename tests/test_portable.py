@@ -308,6 +308,7 @@ def test_without_a_struct_flock_layout_messages_name_no_pid(
         party: Party, tmp_path: Path, linux_off: Callable[..., None]) -> None:
     path = tmp_path / "db"
     partydbm.open(path).close()
+    partydbm.let_go(path)
     plain = party.spawn("plain_leveldb", path)
     assert plain.expect("ready") == ""
     lock = LockFile(str(path))

@@ -64,6 +64,7 @@ def _consistent(path: Path, n: int) -> int:
     """The generation every key shows (AssertionError if a batch was cut)."""
     with partydbm.open(path, "r") as db:
         items = dict(db.items())
+    partydbm.let_go(path)  # the next round's writer must lead
     gen = items.pop(b"gen")
     marker = b"even" if int(gen) % 2 == 0 else b"odd"
     assert items.pop(marker) == gen, "the marker key is from another batch"

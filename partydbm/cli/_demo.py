@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .._election import LockFile
+from .._open import let_go, whichdb
 from .._open import open as party_open
-from .._open import whichdb
 from ._demo_children import key_of, value_of
 from ._errors import CliError
 
@@ -211,9 +211,16 @@ def _check_fresh(path: str) -> None:
         if holder is not None:
             raise CliError(f"{path} is open in process {holder}: the demo kills whoever "
                            "leads, so it needs a database no other process has open")
-        with party_open(path, "r") as db:
-            if db.firstkey() is not None:
-                raise CliError(f"{path} is not empty: give the demo a new or empty database")
+        try:
+            with party_open(path, "r") as db:
+                if db.firstkey() is not None:
+                    raise CliError(f"{path} is not empty: give the demo a new or empty "
+                                   "database")
+        finally:
+            # Now, not at the end of the grace period: this process looks at the LOCK
+            # through an fd of its own later (lock_holder), which would drop a lock that
+            # LevelDB still held here (trap 1).
+            let_go(path)
 
 
 def _play(demo: Demo) -> bool:
