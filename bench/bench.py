@@ -234,7 +234,7 @@ def single(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
         r = run_worker(system, {"task": "session", "path": path, "n": ctx.n,
                                 "budget": ctx.budget, "lat_n": ctx.lat_n, **extra},
                        timeout=6 * ctx.budget + 120)
-    out = {k: r[k] for k in ("put", "get", "lat_get", "lat_put")}
+    out = {k: r[k] for k in ("put", "get", "get_again", "lat_get", "lat_put")}
     out["iter"] = r.get("iter") or {"na": SOCK_ONLY}
     out["get_many"] = r.get("get_many") or {"na": "no batched get", "quiet": True}
     return out
@@ -399,9 +399,11 @@ def open_close(ctx: Ctx, system: str) -> dict[str, dict[str, Any]]:
 
 NO_MP = {"plyvel": MP_ONLY_ONE, "dbm.dumb": NOT_MP_SAFE, "socket-rtt": SOCK_ONLY}
 WORKLOADS: dict[str, Workload] = {
-    "single": Workload(single, ("put", "get", "get_many", "iter", "lat_get", "lat_put"), (
+    "single": Workload(single, ("put", "get", "get_again", "get_many", "iter", "lat_get",
+                                "lat_put"), (
         Line("put", "us_per_op", "put", plot=True),
-        Line("get", "us_per_op", "random get", plot=True),
+        Line("get", "us_per_op", "random get, first read of each key", plot=True),
+        Line("get_again", "us_per_op", "random get, second pass", plot=True),
         Line("get_many", "us_per_op", "random get, get_many() of 100 /key"),
         Line("iter", "us_per_op", "ordered iteration /key", plot=True),
         Line("lat_get", "p50_us", "get latency p50", plot=True),
@@ -509,6 +511,8 @@ RATIOS = [
      "us_per_op", "", None),
     ("leader put / raw plyvel (separate sessions)", "put", "party-leader", "plyvel",
      "us_per_op", "", None),
+    ("follower get from its cache / leader get (second pass)", "get_again", "party-follower",
+     "party-leader", "us_per_op", "", None),
     ("follower get / socket-rtt (separate sessions)", "get", "party-follower", "socket-rtt",
      "us_per_op", "", None),
     ("4-proc mixed ops/s, all followers / diskcache", "mixed4", "party-follower", "diskcache",

@@ -20,21 +20,28 @@ if TYPE_CHECKING:
     from ._engine import Engine
 
 
-class RemoteRoute:
+class _ThroughRun:
+    """A route whose get and put are requests like any other (the leader's answer)."""
+
     is_leader = False
-
-    def __init__(self, engine: Engine, conn: Connection) -> None:
-        self.engine = engine
-        self.conn = conn
-
-    def alive(self) -> bool:
-        return self.conn.alive()
 
     def get(self, key: bytes, h: Policy) -> bytes | None:
         return self.run(P.GET, (key,), h)  # type: ignore[no-any-return]
 
     def put(self, key: bytes, value: bytes, sync: bool, h: Policy) -> None:
         self.run(P.PUT, (key, value, sync), h)
+
+    def run(self, op: int, args: tuple[Any, ...], h: Policy) -> Any:
+        raise NotImplementedError
+
+
+class RemoteRoute(_ThroughRun):
+    def __init__(self, engine: Engine, conn: Connection) -> None:
+        self.engine = engine
+        self.conn = conn
+
+    def alive(self) -> bool:
+        return self.conn.alive()
 
     def run(self, op: int, args: tuple[Any, ...], h: Policy) -> Any:
         timeout = h._timeout
@@ -57,24 +64,16 @@ class RemoteRoute:
         return slot.result()
 
 
-class Unrouted:
+class Unrouted(_ThroughRun):
     """The route of an engine that has none yet (before it starts, after a fork, after
     a failed takeover, while another thread reroutes): every request first has the
     engine find one, then takes it."""
-
-    is_leader = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def alive(self) -> bool:
         return False
-
-    def get(self, key: bytes, h: Policy) -> bytes | None:
-        return self.run(P.GET, (key,), h)  # type: ignore[no-any-return]
-
-    def put(self, key: bytes, value: bytes, sync: bool, h: Policy) -> None:
-        self.run(P.PUT, (key, value, sync), h)
 
     def run(self, op: int, args: tuple[Any, ...], h: Policy) -> Any:
         timeout = h._timeout

@@ -36,11 +36,9 @@ class LocalRoute:
     def __init__(self, store: Store, passing: Passing) -> None:
         self.store = store
         self.passing = passing
-        store.passing = passing
         # The hot pair are the Store's own application entries (they answer followers
         # in passing first): no frame of ours in between.
-        self.get = store.app_get
-        self.put = store.app_put
+        self.get, self.put = store.application_entries(passing)
 
     def alive(self) -> bool:
         return not self.store.closed

@@ -227,20 +227,26 @@ def test_a_leader_killed_while_taking_over_leaves_the_old_ring_retired(
 
 # -- the edges ---------------------------------------------------------------------------
 SMALL_RING = "from partydbm import _ring\n_ring.SLOTS = 64\n"
+TEN = [b"k%d" % i for i in range(10)]
+
+
+def _small_ring(party: Party, path: Path) -> tuple[Worker, Worker]:
+    """A leader whose ring has 64 slots, and a follower that has cached TEN."""
+    leader, f = party.repl(), party.repl(NEVER_LEAD)
+    leader.exec(SMALL_RING)
+    assert leader.open(path) == "leader"
+    leader.exec(f"db.update({{k: b'0' for k in {TEN!r}}})")
+    _follow_and_cache(f, path, TEN)
+    return leader, f
 
 
 def test_a_ring_that_wraps_around_keeps_followers_exact(tmp_path: Path) -> None:
     """A ring of 64 slots (64 writes): a follower that reads between every few writes
     keeps its entries; one that falls a whole ring behind drops them; both read what
     was written last."""
-    path = tmp_path / "db"
+    keys = TEN
     with Party() as party:
-        leader, f = party.repl(), party.repl(NEVER_LEAD)
-        leader.exec(SMALL_RING)
-        assert leader.open(path) == "leader"
-        keys = [b"k%d" % i for i in range(10)]
-        leader.exec(f"db.update({{k: b'0' for k in {keys!r}}})")
-        _follow_and_cache(f, path, keys)
+        leader, f = _small_ring(party, tmp_path / "db")
         for burst in (3, 5, 70, 7, 200):
             leader.exec(f"for n in range({burst}): db[b'k%d' % (n % 10)] = b'%d' % n")
             expected = leader.eval(f"[db[k] for k in {keys!r}]")
@@ -249,14 +255,9 @@ def test_a_ring_that_wraps_around_keeps_followers_exact(tmp_path: Path) -> None:
 
 
 def test_a_follower_stopped_past_a_whole_ring_reads_exactly_after(tmp_path: Path) -> None:
-    path = tmp_path / "db"
+    keys = TEN
     with Party() as party:
-        leader, f = party.repl(), party.repl(NEVER_LEAD)
-        leader.exec(SMALL_RING)
-        assert leader.open(path) == "leader"
-        keys = [b"k%d" % i for i in range(10)]
-        leader.exec(f"db.update({{k: b'0' for k in {keys!r}}})")
-        _follow_and_cache(f, path, keys)
+        leader, f = _small_ring(party, tmp_path / "db")
         os.kill(f.pid, signal.SIGSTOP)
         try:
             leader.exec("for n in range(500): db[b'k%d' % (n % 10)] = b'x%d' % n")
