@@ -433,10 +433,10 @@ WORKLOADS: dict[str, Workload] = {
         Line("w1r3", "max_warm_s", "1w+3r warm-up s (read each key once)", "rate")), NO_MP,
         repeat=True),
     "read99": Workload(multi("read99"), ("read99",), (
-        Line("read99", "us_per_op", "4 procs 99/1 get/put (1/agg)", plot=True),
-        Line("read99", "ops_per_s", "4 procs 99/1 aggregate ops/s", "rate"),
-        Line("read99", "min_proc_ops_per_s", "4 procs 99/1 slowest proc ops/s", "rate"),
-        Line("read99", "max_warm_s", "4 procs 99/1 warm-up s (read each key once)", "rate")),
+        Line("read99", "us_per_op", "P procs 99/1 get/put (1/agg)", plot=True),
+        Line("read99", "ops_per_s", "P procs 99/1 aggregate ops/s", "rate"),
+        Line("read99", "min_proc_ops_per_s", "P procs 99/1 slowest proc ops/s", "rate"),
+        Line("read99", "max_warm_s", "P procs 99/1 warm-up s (read each key once)", "rate")),
         NO_MP, repeat=True),
     "bulk": Workload(bulk, ("bulk", "iter_bulk"), (
         Line("bulk", "us_per_op", "bulk load /key", plot=True),
@@ -756,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - t0, 1)
     rat = ratios(results)
-    print(f"\npartydbm bench ({mode}; N={meta['n']:,} keys of 16 B + 100 B values, bulk "
+    print(f"\npartydbm bench ({mode}; N={meta['n']:,} keys of 16 B + 100 B values, "
+          f"P={READ99_PROCS} processes in read99, bulk "
           f"{meta['bulk_n']:,}) on {meta['machine']}, {meta['cpus']} CPUs, {meta['date']}, "
           f"{meta['seconds']}s\n")
     print("per-op cost, µs (lower is better)")
