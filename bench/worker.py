@@ -83,8 +83,10 @@ class Store:
                  close: Callable[[], Any] | None = None, flush: Callable[[], Any] | None = None,
                  checkpoint: Callable[[], Any] | None = None, ordered: bool = True,
                  role: str = "", note: str = "",
-                 get_many: Callable[[list[bytes]], list[Any]] | None = None) -> None:
+                 get_many: Callable[[list[bytes]], list[Any]] | None = None,
+                 misses: Callable[[], int | None] | None = None) -> None:
         self.get, self.put = get, put
+        self.misses = misses or (lambda: None)  # a partydbm follower's cache misses
         self.get_many = get_many
         self.scan = keys or _no_keys
         self.bulk = bulk or (lambda pairs: _put_each(put, pairs))
@@ -137,8 +139,12 @@ def open_store(system: str, path: str, task: dict[str, Any]) -> Store:
         if task.get("role") and role != task["role"]:
             pdb.close()
             raise RuntimeError(f"expected to be the {task['role']}, opened as the {role}")
+        def misses() -> int | None:  # reads its cache sent to the leader (None: no cache)
+            cache = getattr(pdb._engine.route, "cache", None)
+            return None if cache is None else cache.misses
+
         return Store(pdb.__getitem__, pdb.__setitem__, pdb.__iter__, pdb.update, pdb.close,
-                     role=role, note="update()", get_many=pdb.get_many)
+                     role=role, note="update()", get_many=pdb.get_many, misses=misses)
     if system == "dbm.dumb":
         import dbm.dumb
 
@@ -451,6 +457,7 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("no 'go' from bench.py")
     gets = puts = pos = 0
     errors: dict[str, int] = {}
+    misses = s.misses()
     t0 = time.perf_counter()
     end = t0 + task["duration"]
     while time.perf_counter() < end:
@@ -471,8 +478,12 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
         if checkpoint is not None and puts:
             checkpoint()
     t = time.perf_counter() - t0
-    return {"gets": gets, "puts": puts, "seconds": t, "ops_per_s": (gets + puts) / t,
-            "errors": errors, "role": role, "db_role": s.role, "warm_s": warm_s}
+    res = {"gets": gets, "puts": puts, "seconds": t, "ops_per_s": (gets + puts) / t,
+           "errors": errors, "role": role, "db_role": s.role, "warm_s": warm_s}
+    after = s.misses()
+    if misses is not None and after is not None:
+        res["cache_misses"] = after - misses  # of `gets`, during the timed run
+    return res
 
 
 def paired(s: Store, task: dict[str, Any]) -> dict[str, Any]:
