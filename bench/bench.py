@@ -258,7 +258,7 @@ def multi(kind: str) -> Callable[[Ctx, str], dict[str, dict[str, Any]]]:
                     procs.append(spawn(system, {
                         "task": "mp", "system": system, "path": path, "n": ctx.n,
                         "mp_role": role, "seed": i, "duration": ctx.mp_duration, **extra}))
-                    if i == 0 and read_line(procs[0], 600).strip() != "ready":
+                    if i == 0 and read_line(procs[0], 1800).strip() != "ready":
                         raise _fail(procs[0])  # the first opens alone: party-L's leader
                 return {kind: _drive(procs, ctx.mp_duration, kind)}
             finally:
@@ -285,7 +285,7 @@ def _fail(proc: subprocess.Popen[str]) -> Failed:
 
 def _drive(procs: list[subprocess.Popen[str]], duration: float, kind: str) -> dict[str, Any]:
     for proc in procs[1:]:
-        if read_line(proc, 600).strip() != "ready":
+        if read_line(proc, 1800).strip() != "ready":
             raise _fail(proc)
     for proc in procs:
         assert proc.stdin is not None

@@ -432,6 +432,11 @@ def iterbulk(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     return {"iter_bulk": peak.report(_rate(count, t, task["n"]))}
 
 
+# How long a process that is ready waits for the others' warm-up: 8 followers reading
+# 1,000,000 keys each, one round trip per key, take minutes on 2 CPUs.
+WARM_WAIT = 1800.0
+
+
 def _stdin_line(timeout: float) -> str:
     ready, _, _ = select.select([sys.stdin], [], [], timeout)
     return sys.stdin.readline() if ready else ""
@@ -441,9 +446,12 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
     n, role, seed = task["n"], task["mp_role"], task["seed"]
     rnd = random.Random(seed)
     value = rnd.randbytes(VALUE_SIZE)
-    plan = [(KEY % rnd.randrange(n),
-             role == "reader" or (role == "mixed" and rnd.random() < 0.9)
-             or (role == "read99" and rnd.random() < 0.99)) for _ in range(8192)]
+    kinds = [role == "reader" or (role == "mixed" and rnd.random() < 0.9)
+             or (role == "read99" and rnd.random() < 0.99) for _ in range(8192)]
+    # Keys drawn from the whole database, as many as it holds (up to 2**20): the working
+    # set is the database, so a cache smaller than it shows (a plan of 8,192 keys used
+    # to make every run at 1,000,000 keys a run over 8,192).
+    keys = [KEY % rnd.randrange(n) for _ in range(-(-max(8192, min(n, 1 << 20)) // 64) * 64)]
     get, put, checkpoint = s.get, s.put, s.checkpoint
     # Every process reads every key once before the clock starts, whatever the system:
     # the runs measure the steady state of long-lived processes (a partydbm follower's
@@ -453,15 +461,15 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
         get(KEY % i)
     warm_s = time.perf_counter() - t0
     print("ready", flush=True)
-    if _stdin_line(120).strip() != "go":
+    if _stdin_line(WARM_WAIT).strip() != "go":
         raise RuntimeError("no 'go' from bench.py")
-    gets = puts = pos = 0
+    gets = puts = pos = kpos = 0
     errors: dict[str, int] = {}
     misses = s.misses()
     t0 = time.perf_counter()
     end = t0 + task["duration"]
     while time.perf_counter() < end:
-        for k, is_get in plan[pos:pos + 64]:
+        for k, is_get in zip(keys[kpos:kpos + 64], kinds[pos:pos + 64], strict=True):
             try:
                 if is_get:
                     get(k)
@@ -474,7 +482,7 @@ def mp(s: Store, task: dict[str, Any]) -> dict[str, Any]:
                 errors[name] = errors.get(name, 0) + 1
                 if sum(errors.values()) > 1000:
                     raise
-        pos = (pos + 64) % len(plan)
+        pos, kpos = (pos + 64) % len(kinds), (kpos + 64) % len(keys)
         if checkpoint is not None and puts:
             checkpoint()
     t = time.perf_counter() - t0
@@ -575,7 +583,7 @@ def main() -> int:
         result["_python"] = sys.version.split()[0]
         print(json.dumps(result), flush=True)
         if task["task"] == "mp":
-            _stdin_line(120)  # stay open (a leader keeps serving) until everyone is done
+            _stdin_line(WARM_WAIT)  # stay open (a leader keeps serving) until everyone is done
     finally:
         s.close()
     return 0
