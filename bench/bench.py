@@ -68,6 +68,7 @@ SYSTEMS = ["plyvel", "party-leader", "party-follower", "dbm.dumb", "dbm.sqlite3"
 SHORT = {"party-leader": "party-L", "party-follower": "party-F", "dbm.sqlite3": "sqlite3",
          "socket-rtt": "sock-rtt", "sqlitedict": "sqlitedict", "dbm.dumb": "dumb"}
 READ99_PROCS = 4  # processes in the read99 workload (--read99-procs)
+CACHE_SIZE: int | None = None  # partydbm's cache_size in the multi-process workloads
 MODES = {
     "quick": dict(n=5_000, bulk_n=100_000, lat_n=2_000, mp_duration=1.0, budget=3.0,
                   bulk_budget=4.0, failover_rounds=5, rounds=1, openclose_rounds=5),
@@ -257,7 +258,9 @@ def multi(kind: str) -> Callable[[Ctx, str], dict[str, dict[str, Any]]]:
                 for i, role in enumerate(roles):
                     procs.append(spawn(system, {
                         "task": "mp", "system": system, "path": path, "n": ctx.n,
-                        "mp_role": role, "seed": i, "duration": ctx.mp_duration, **extra}))
+                        "mp_role": role, "seed": i, "duration": ctx.mp_duration, **extra,
+                        **({"cache_size": CACHE_SIZE} if CACHE_SIZE is not None
+                           and system.startswith("party") else {})}))
                     if i == 0 and read_line(procs[0], 1800).strip() != "ready":
                         raise _fail(procs[0])  # the first opens alone: party-L's leader
                 return {kind: _drive(procs, ctx.mp_duration, kind)}
@@ -728,7 +731,7 @@ def plot(results: dict[str, Any], systems: list[str], meta: dict[str, Any], out:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global READ99_PROCS
+    global READ99_PROCS, CACHE_SIZE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, whole run ~1 min")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -737,8 +740,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read99-procs", type=int, default=4,
                     help="processes in the read99 workload (the scaling table)")
     ap.add_argument("--n", type=int, default=None, help="keys (default: the mode's)")
+    ap.add_argument("--cache-size", type=int, default=None, metavar="BYTES",
+                    help="partydbm's cache_size in the multi-process workloads "
+                         "(default: partydbm's own)")
     args = ap.parse_args(argv)
-    READ99_PROCS = args.read99_procs
+    READ99_PROCS, CACHE_SIZE = args.read99_procs, args.cache_size
     systems = [s for s in args.systems.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     for name, known in ((systems, SYSTEMS), (workloads, list(WORKLOADS))):
@@ -750,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"mode": mode, "machine": platform.node(), "cpus": os.cpu_count(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "python": sys.version.split()[0], "python313": PY313, **cfg,
-            "read99_procs": READ99_PROCS}
+            "read99_procs": READ99_PROCS, "cache_size": CACHE_SIZE}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = tempfile.mkdtemp(prefix="partybench-")
     t0 = time.monotonic()
