@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 
-from ._errors import error
+from ._errors import Timeout, error
 
 SOCKET_NAME = "partydbm.sock"
 LINUX = sys.platform.startswith("linux")
@@ -239,7 +239,7 @@ def _flock_layout() -> tuple[str, tuple[str, ...]] | None:
 FLOCK_LAYOUT = _flock_layout()
 
 
-def _try_lock(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
     """Take this process's POSIX lock on the whole file; False if another process has it."""
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -295,7 +295,7 @@ class LockFile:
                 self.fd = -1
 
     def try_lock(self) -> bool:
-        return _try_lock(self.fd)
+        return try_lock(self.fd)
 
     def unlock(self) -> None:
         """Release the process's lock. Only safe when LevelDB does not hold it here."""
@@ -351,39 +351,20 @@ class LockFile:
         self._mutex = threading.Lock()
 
 
-HELPER_LOCK_NAME = "partydbm.helper-lock"
-
-
-class HelperLock:
-    """The right to keep a helper leader for a database (see _helper), among processes
-    that cannot open it themselves (forked from a leader: docs/TRAPS.md, trap 2).
-
-    When a leader with a crowd of such children dies, each would start a helper, a new
-    interpreter: 150 at once on 2 CPUs took longer than the children's timeout to lead
-    at all. Whoever holds this lock (a POSIX lock on its own file, so never inherited
-    by fork and dropped when the holder dies) keeps the one helper; the others wait for
-    it, or for the lock when its holder goes."""
-
-    def __init__(self, db_path: str) -> None:
-        self.path = os.path.join(db_path, HELPER_LOCK_NAME)
-        self._mode = os.stat(db_path).st_mode & 0o666  # as LOCK (see LockFile)
-        self.fd = -1
-
-    def try_lock(self) -> bool:
-        """Take the lock (again: a no-op while this process holds it). False if another
-        process holds it; True also where the lock file cannot be made (then every such
-        process keeps a helper, as if there were no lock)."""
-        if self.fd < 0:
-            try:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-                                  | os.O_NOFOLLOW, self._mode)
-            except OSError:
-                return True
-        return _try_lock(self.fd)
-
-    def release(self) -> None:
-        """Let go (closing the fd drops this process's lock). In a forked child, where
-        the lock is the parent's, this closes only the child's copy of the fd."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+def no_leader(path: str, address: str, lockfile: LockFile, refused: str) -> Timeout:
+    """The Timeout for a process that found no leader for `path` in time, saying what it
+    knows: who refused it, or who holds LevelDB's LOCK without answering."""
+    if refused:
+        return Timeout(f"no partydbm leader answered for {path!r} in time; "
+                       f"refused: {refused}")
+    pid = lockfile.holder_pid()
+    if pid is None:
+        return Timeout(
+            f"no partydbm leader answered for {path!r} in time, and no process "
+            "can be named as holding LevelDB's LOCK now (none holds it: the leader "
+            "changed while we waited, try again; or this system cannot tell)")
+    where = shown_address(path, address)
+    return Timeout(
+        f"no partydbm leader answered for {path!r} in time: LevelDB's LOCK is "
+        f"held by process {pid}, which does not answer on {where!r} (a plain "
+        "LevelDB user, a hung leader, or a leader still starting)")

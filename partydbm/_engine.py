@@ -22,8 +22,6 @@ import itertools
 import os
 import random
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,8 +32,9 @@ from ._backend import LockHeld, LockTainted, open_db
 from ._cache import Cache, CachedRoute
 from ._client import Connection, Slot
 from ._dispatch import Dispatcher, Peer
-from ._election import HelperLock, LockFile, shown_address, socket_address
+from ._election import LockFile, no_leader, socket_address
 from ._errors import CLOSED_MESSAGE, ClosedError, LeaderLostError, Timeout, error
+from ._helper import Helper
 from ._publish import Publisher
 from ._remote import RemoteRoute, Unrouted
 from ._routes import CLOSED, ClosedRoute, LocalRoute
@@ -83,8 +82,9 @@ class Engine:
         self._observer: Observer | None = None  # given to each server this engine starts
         self._rerouting = False
         self._lock_won = False
-        self._helper: subprocess.Popen[bytes] | None = None
-        self._helper_lock: HelperLock | None = None
+        # A process forked from a leader can never open LevelDB itself (docs/TRAPS.md,
+        # trap 2): it leads through a helper process (one for a whole crowd of them).
+        self._helper = Helper(path)
         self._refused = ""  # why the last thing at our address was not talked to
         self._new_identity()
 
@@ -316,7 +316,7 @@ class Engine:
         (the kernel hands it to one waiter the moment the holder dies), or, in a process
         that inherited LevelDB's lock table through fork, a helper process that can."""
         if self.path in tainted:
-            self._ensure_helper()
+            self._helper.ensure()
         elif not _seams.never_lead:
             path, lockfile, keeper = self.path, self._lockfile, self._keeper
             lockfile.wait_in_background(lambda: keeper.lock_acquired(path, lockfile))
@@ -360,33 +360,7 @@ class Engine:
         return conn
 
     def _timeout_error(self, deadline: float | None) -> Timeout:
-        if self._refused:
-            return Timeout(f"no partydbm leader answered for {self.path!r} in time; "
-                           f"refused: {self._refused}")
-        pid = self._lockfile.holder_pid()
-        if pid is None:
-            return Timeout(
-                f"no partydbm leader answered for {self.path!r} in time, and no process "
-                "can be named as holding LevelDB's LOCK now (none holds it: the leader "
-                "changed while we waited, try again; or this system cannot tell)")
-        where = shown_address(self.path, self.address)
-        return Timeout(
-            f"no partydbm leader answered for {self.path!r} in time: LevelDB's LOCK is "
-            f"held by process {pid}, which does not answer on {where!r} (a plain "
-            "LevelDB user, a hung leader, or a leader still starting)")
-
-    def _ensure_helper(self) -> None:
-        """A process forked from a leader can never open LevelDB itself (docs/TRAPS.md, trap 2): it
-        leads through a fresh helper process that lives as long as it does."""
-        if self._helper is not None and self._helper.poll() is None:
-            return
-        if self._helper_lock is None:
-            self._helper_lock = HelperLock(self.path)
-        if not self._helper_lock.try_lock():
-            return  # another such process keeps a helper: one for the whole crowd
-        self._helper = subprocess.Popen(
-            [sys.executable, "-m", "partydbm._helper", self.path],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
+        return no_leader(self.path, self.address, self._lockfile, self._refused)
 
     # -- closing and forking -----------------------------------------------------------------
     def close(self) -> None:
@@ -410,10 +384,7 @@ class Engine:
                 conn.kill(ClosedError(CLOSED_MESSAGE))
                 for slot in conn.take_pending():
                     slot.finish(exc=ClosedError(CLOSED_MESSAGE))
-            if self._helper is not None and self._helper.stdin is not None:
-                self._helper.stdin.close()
-            if self._helper_lock is not None:
-                self._helper_lock.release()
+            self._helper.close()
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
@@ -430,10 +401,7 @@ class Engine:
         if isinstance(route, RemoteRoute):
             route.conn.forget_after_fork()
         self.route = Unrouted(self)  # the next request finds a route of its own
-        self._helper = None
-        if self._helper_lock is not None:
-            self._helper_lock.release()  # the parent's: this closes the child's fd only
-            self._helper_lock = None
+        self._helper.forget_after_fork()
         self._rerouting = False
         self._lock_won = False
         self._new_identity()
