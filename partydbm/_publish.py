@@ -105,6 +105,16 @@ class Publisher:
 
 def after(ring: R.Ring, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
     """Publish what a write of `ops` changed (it is in LevelDB now)."""
+    if len(ops) == 1:  # the common case, without the list
+        key, value = ops[0]
+        if len(key) <= R.KEY_MAX:
+            if value is None:
+                ring.one(R.DEL, key)
+            elif len(key) + len(value) <= R.PAYLOAD:
+                ring.one(R.PUT, key, value)
+            else:
+                ring.one(R.DROP, key)
+        return
     if len(ops) > BATCH_INLINE:
         ring.append(_ALL)
         return

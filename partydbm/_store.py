@@ -250,7 +250,10 @@ class Store:
         for i in stripes:
             busy[i] = True
         try:
-            self.backend.write(ops, sync, () if mark is None else mark(outcome))
+            if mark is None and len(ops) == 1 and ops[0][1] is not None:
+                self._raw_put(USER + ops[0][0], ops[0][1], sync=sync)  # no batch: 1 µs less
+            else:
+                self.backend.write(ops, sync, () if mark is None else mark(outcome))
             if _seams.crash_at is not None or _seams.pauses:
                 _seams.passage("after_write")  # written, not yet published
                 _seams.pause("after_write")
