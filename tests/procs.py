@@ -73,8 +73,11 @@ class Worker:
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives with the worker
+        # -X faulthandler: a worker killed with SIGABRT prints every thread's stack
+        # first (wait() does that to a worker that misses its deadline).
         self.proc = subprocess.Popen(
-            [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-X", "faulthandler", *argv], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=self._stderr, start_new_session=True, cwd=ROOT,
             env=None if env is None else {**os.environ, **env})
         self.pid = self.proc.pid
@@ -172,9 +175,19 @@ class Worker:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self._dump_stacks()
             self.kill()
             raise WorkerError(f"{self} did not exit within {timeout}s; "
                               f"stderr:\n{self.stderr()}") from None
+
+    def _dump_stacks(self) -> None:
+        """Have a hung worker write every thread's stack to its stderr before it is
+        killed (faulthandler, on SIGABRT): where it waits is the diagnosis."""
+        try:
+            os.kill(self.pid, signal.SIGABRT)
+            self.proc.wait(2.0)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
 
     def finish(self, timeout: float = DEADLINE) -> int:
         """Close its stdin (a repl falls off the end of its script) and wait."""
