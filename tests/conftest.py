@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,14 @@ from .cli_run import info_json
 from .procs import Holder
 
 ROLES = ("leader", "follower")
+
+# A run started in the background of a shell without job control (`make test &`, nohup,
+# a CI runner's subshell) inherits SIGINT ignored, and an ignored signal stays ignored
+# across exec: every worker would then ignore the SIGINT the tests send it
+# (test_signals.py, test_cli_processes.py), and a leader would write on for ever. A
+# handled signal is reset to its default at exec: handle it here, as Python does.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
