@@ -251,7 +251,7 @@ class Store:
             busy[i] = True
         try:
             if mark is None and len(ops) == 1 and ops[0][1] is not None:
-                self._raw_put(USER + ops[0][0], ops[0][1], sync=sync)  # no batch: 1 µs less
+                self._raw_put(USER + ops[0][0], ops[0][1], sync=sync)  # one record: no batch
             else:
                 self.backend.write(ops, sync, () if mark is None else mark(outcome))
             if _seams.crash_at is not None or _seams.pauses:
