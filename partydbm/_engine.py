@@ -205,7 +205,15 @@ class Engine:
                 self.route = Unrouted(self)  # the next request looks for a leader again
                 for slot in slots:
                     if not slot.done:
-                        slot.finish(exc=error(f"could not take over {self.path!r}: {exc}"))
+                        slot.finish(exc=self._takeover_failed(exc))
+
+    def _takeover_failed(self, exc: BaseException) -> error:
+        """What a request waiting on a takeover that failed raises: the cause's errno
+        kept (ENOSPC stays ENOSPC), so that callers can tell what went wrong."""
+        message = f"could not take over {self.path!r}: "
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return error(exc.errno, message + str(exc.strerror), self.path)
+        return error(message + str(exc))
 
     def _carry_over(self, old: Connection | None) -> list[Slot]:
         """Unanswered requests of a dead connection: those that may be retried, oldest

@@ -281,6 +281,7 @@ def test_a_takeover_that_fails_gives_the_lock_back(tmp_path: Path, name: str) ->
         with pytest.raises(RemoteError) as info:
             b.exec("db[b'k'] = b'lost with the leader'")  # A dies; B's takeover fails
         assert info.value.isa("error") and "injected" in info.value.message
+        assert info.value.message.startswith("[Errno 5]"), "the cause's errno is lost"
         b.exec(ROLE_AND_LOGS)
         leads, logs = b.eval("role_and_logs()")
         if not leads:  # (its next try may have led already)
