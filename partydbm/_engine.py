@@ -237,7 +237,7 @@ class Engine:
         with self._cond:
             while self._rerouting:
                 if not self._cond.wait(_remaining(deadline)):
-                    raise self._timeout_error(deadline)
+                    raise self._timeout_error()
             if self.closed:
                 raise ClosedError(CLOSED_MESSAGE)
             route = self.route
@@ -289,7 +289,7 @@ class Engine:
             self._contend()
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
-                raise self._timeout_error(deadline)
+                raise self._timeout_error()
             pause = random.uniform(backoff / 2, backoff)  # a crowd must not poll in step
             self._cond.wait(pause if remaining is None else min(pause, remaining))
             # Doubling up to MAX_BACKOFF, and beyond it to a tenth of the time waited so
@@ -367,7 +367,7 @@ class Engine:
         self._refused = ""
         return conn
 
-    def _timeout_error(self, deadline: float | None) -> Timeout:
+    def _timeout_error(self) -> Timeout:
         return no_leader(self.path, self.address, self._lockfile, self._refused)
 
     # -- closing and forking -----------------------------------------------------------------
